@@ -1,0 +1,152 @@
+//! The `scopegate` binary: parse the command line, set up logging, load and validate the
+//! config, bind, and hand over to [`scopegate::run`]. No request handling lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use scopegate::config::{self, ConfigSource};
+use scopegate::Listeners;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "scopegate",
+    version,
+    about = "A scoping gateway between AI-agent sandboxes and the Relace API",
+    long_about = "Refuses every request a repo token may not make, locally, and streams every permitted \
+                  request to the Relace API.\n\nConfig: --config PATH, else $SCOPEGATE_CONFIG, else \
+                  config/scopegate.toml, else built-in defaults; SCOPEGATE_<SECTION>__<KEY> overrides any key."
+)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the config, print it with secrets redacted, and exit (2 on errors).
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let loaded = config::load(cli.config.as_deref());
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => match loaded {
+            Ok((_, raw, source)) => {
+                println!("# config: {}", describe(&source));
+                print!("{}", config::render_redacted(&raw));
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("scopegate: the config has {} problem(s):", errors.0.len());
+                for problem in &errors.0 {
+                    eprintln!("  - {problem}");
+                }
+                ExitCode::from(2)
+            }
+        },
+        Command::Run => {
+            let (config, _, source) = match loaded {
+                Ok(loaded) => loaded,
+                Err(errors) => {
+                    for problem in &errors.0 {
+                        tracing::error!(problem = problem.as_str(), "invalid configuration");
+                    }
+                    eprintln!(
+                        "scopegate: not starting: the config has {} problem(s):",
+                        errors.0.len()
+                    );
+                    for problem in &errors.0 {
+                        eprintln!("  - {problem}");
+                    }
+                    return ExitCode::from(2);
+                }
+            };
+            tracing::info!(config = %describe(&source), version = env!("CARGO_PKG_VERSION"), "starting");
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(error) => {
+                    eprintln!("scopegate: cannot start the runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = runtime.block_on(async move {
+                let listeners = Listeners::bind(&config).await?;
+                scopegate::run(config, listeners, shutdown_signal()).await
+            });
+            match result {
+                Ok(()) => {
+                    tracing::info!("stopped");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    tracing::error!(error = format!("{error:#}"), "fatal");
+                    eprintln!("scopegate: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn describe(source: &ConfigSource) -> String {
+    match source {
+        ConfigSource::File(path) => path.display().to_string(),
+        ConfigSource::Defaults => "built-in defaults".into(),
+    }
+}
+
+/// Text logs by default, JSON when `SCOPEGATE_LOG_FORMAT=json`; level from `RUST_LOG`.
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("SCOPEGATE_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+                    _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,133 @@
+//! Accept loops for both listeners: plain or TLS TCP → hyper-util's `auto` server
+//! (HTTP/1.1 and h2c/h2) → a handler, each connection watched for graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::body::ResponseBody;
+use crate::config::TlsFiles;
+use crate::proxy::ConnInfo;
+
+/// A slow client gets this long to send a request head (slowloris protection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A TLS handshake that takes longer than this is abandoned.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Back-off after an accept error (e.g. EMFILE) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Builds a TLS acceptor (ALPN h2, http/1.1) from PEM files.
+pub fn tls_acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .with_context(|| format!("proxy.tls_cert {}", files.cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("proxy.tls_cert {}", files.cert.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "proxy.tls_cert {}: no certificate",
+        files.cert.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .with_context(|| format!("proxy.tls_key {}", files.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("rustls protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("proxy.tls_cert/proxy.tls_key do not form a usable certificate and key")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `listener` until `stop` turns true. Connections already accepted keep going
+/// under `graceful` (the caller drains them).
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let proto = if tls.is_some() { "https" } else { "http" };
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_info = ConnInfo { peer, proto };
+        let handler = handler.clone();
+        let service = service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(req, conn_info).await) }
+        });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let result = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, %peer, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,408 @@
+//! Checks that the fake Relace upstream behaves as the integration tests
+//! assume, using a hand-written HTTP/1.1 client so that a bug in a real client
+//! (or in scopegate) cannot mask a bug in the fake.
+
+#[path = "support/fake_relace.rs"]
+mod fake_relace;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use fake_relace::{pattern_sha256, FakeRelace, ACCOUNT_KEY};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const REPO: &str = "0b9c5f0e-6a53-4c62-9a0e-6e1f0a1c2d3e";
+
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+}
+
+fn build_request(method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if !body.is_empty() || matches!(method, "POST" | "PUT") {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = find(raw, b"\r\n").expect("chunk size line");
+        let size_str = std::str::from_utf8(&raw[..line_end]).expect("ascii size");
+        let size = usize::from_str_radix(size_str.split(';').next().unwrap().trim(), 16)
+            .expect("hex chunk size");
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[..size]);
+        assert_eq!(&raw[size..size + 2], b"\r\n", "chunk terminator");
+        raw = &raw[size + 2..];
+    }
+}
+
+fn parse_response(raw: &[u8]) -> RawResponse {
+    let head_end = find(raw, b"\r\n\r\n").expect("complete response head");
+    let head = std::str::from_utf8(&raw[..head_end]).expect("ascii head");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (n, v) = l.split_once(':').unwrap();
+            (n.trim().to_ascii_lowercase(), v.trim().to_owned())
+        })
+        .collect();
+    let mut resp = RawResponse {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    let rest = &raw[head_end + 4..];
+    resp.body = if resp.header("transfer-encoding") == Some("chunked") {
+        dechunk(rest)
+    } else if let Some(len) = resp.header("content-length") {
+        let len: usize = len.parse().unwrap();
+        assert!(rest.len() >= len, "body shorter than Content-Length");
+        rest[..len].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    resp
+}
+
+async fn send(addr: SocketAddr, raw_request: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw_request).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    parse_response(&raw)
+}
+
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
+    send(addr, &build_request(method, target, headers, body)).await
+}
+
+fn sha_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn repo_token_lifecycle() {
+    let fake = FakeRelace::start().await;
+    let addr = fake.addr();
+    let auth = format!("Bearer {ACCOUNT_KEY}");
+    let create = format!(r#"{{"name":"agent-1","repo_ids":["{REPO}"],"ttl_seconds":600}}"#);
+
+    let denied = call(addr, "POST", "/v1/repo_token", &[], create.as_bytes()).await;
+    assert_eq!(denied.status, 401);
+    assert_eq!(denied.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(denied.json()["error"], "Invalid authentication credentials");
+
+    let bad = call(
+        addr,
+        "POST",
+        "/v1/repo_token",
+        &[("Authorization", &auth)],
+        b"{not json",
+    )
+    .await;
+    assert_eq!(bad.status, 422);
+    assert!(bad.json().get("detail").is_some());
+
+    let created = call(
+        addr,
+        "POST",
+        "/v1/repo_token",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        create.as_bytes(),
+    )
+    .await;
+    assert_eq!(created.status, 200);
+    let created = created.json();
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("rlcr-") && token.len() == 45, "{token}");
+    assert!(token[5..]
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert_eq!(created["name"], "agent-1");
+    assert_eq!(created["repo_ids"][0], REPO);
+    assert!(created["expires_at"].as_str().unwrap().ends_with('Z'));
+    assert!(fake.has_token(&token));
+
+    let got = call(
+        addr,
+        "GET",
+        &format!("/v1/repo_token/{token}"),
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["name"], "agent-1");
+    assert!(
+        got.json().get("token").is_none(),
+        "secret is shown only once"
+    );
+
+    let deleted = call(
+        addr,
+        "DELETE",
+        &format!("/v1/repo_token/{token}"),
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(deleted.status, 204);
+    assert!(!fake.has_token(&token));
+    let gone = call(
+        addr,
+        "GET",
+        &format!("/v1/repo_token/{token}"),
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(gone.status, 404);
+
+    let minted = fake.mint("direct", &[REPO], None);
+    assert!(fake.has_token(&minted));
+    let got = call(
+        addr,
+        "GET",
+        &format!("/v1/repo_token/{minted}"),
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(got.json()["expires_at"], serde_json::Value::Null);
+
+    let list = call(addr, "GET", "/v1/repo", &[("Authorization", &auth)], b"").await;
+    assert_eq!(list.status, 200);
+    assert_eq!(list.json()["total_items"], 0);
+}
+
+#[tokio::test]
+async fn download_matches_pattern_sha() {
+    let fake = FakeRelace::start().await;
+    let n = 300_001;
+    let target = format!("/v1/repo/{REPO}/file/big.bin?bytes={n}");
+    let resp = call(fake.addr(), "GET", &target, &[], b"").await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("content-length"), Some("300001"));
+    assert_eq!(
+        resp.header("content-type"),
+        Some("application/octet-stream")
+    );
+    assert_eq!(
+        resp.header("content-disposition"),
+        Some("attachment; filename=\"big.bin\"")
+    );
+    assert_eq!(resp.body.len(), n);
+    assert_eq!(resp.body[252], 1);
+    assert_eq!(sha_hex(&resp.body), pattern_sha256(n as u64));
+
+    let chunked = call(fake.addr(), "GET", &format!("{target}&chunked=1"), &[], b"").await;
+    assert_eq!(chunked.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(sha_hex(&chunked.body), pattern_sha256(n as u64));
+    assert_eq!(pattern_sha256(0), sha_hex(b""));
+}
+
+#[tokio::test]
+async fn abort_after_cuts_the_body() {
+    let fake = FakeRelace::start().await;
+    let raw = build_request(
+        "GET",
+        &format!("/v1/repo/{REPO}/file/x?bytes=200000&abort_after=70000"),
+        &[],
+        b"",
+    );
+    let mut stream = TcpStream::connect(fake.addr()).await.unwrap();
+    stream.write_all(&raw).await.unwrap();
+    let mut got = Vec::new();
+    // A reset is as good as an early EOF here; both mean "incomplete".
+    let _ = stream.read_to_end(&mut got).await;
+    let head_end = find(&got, b"\r\n\r\n").unwrap();
+    assert!(std::str::from_utf8(&got[..head_end])
+        .unwrap()
+        .contains("content-length: 200000"));
+    assert_eq!(got.len() - head_end - 4, 70_000);
+}
+
+#[tokio::test]
+async fn echo_records_raw_target_and_body() {
+    let fake = FakeRelace::start().await;
+    let target = format!("/v1/repo/{REPO}/file/src%2Fmain.rs?x=a%20b");
+    let resp = call(
+        fake.addr(),
+        "PUT",
+        &target,
+        &[
+            ("Content-Type", "application/octet-stream"),
+            ("X-Dup", "1"),
+            ("X-Dup", "2"),
+        ],
+        b"hello",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let echo = resp.json();
+    assert_eq!(echo["method"], "PUT");
+    assert_eq!(echo["target"], target.as_str());
+    assert_eq!(echo["version"], "HTTP/1.1");
+    assert_eq!(echo["body_len"], 5);
+    assert_eq!(echo["body_sha256"], sha_hex(b"hello").as_str());
+    assert_eq!(echo["headers"]["x-dup"], "2");
+
+    assert!(fake.wait_for_requests(1, Duration::from_secs(5)).await);
+    assert!(!fake.wait_for_requests(2, Duration::from_millis(50)).await);
+    let rec = &fake.requests()[0];
+    assert_eq!(rec.target, target);
+    assert_eq!(rec.body_len, Some(5));
+    assert_eq!(rec.body_sha256.as_deref(), Some(sha_hex(b"hello").as_str()));
+    assert_eq!(rec.header("content-type"), Some("application/octet-stream"));
+    assert_eq!(rec.header_all("X-DUP"), vec!["1", "2"]);
+    assert_eq!(fake.connections_accepted(), 1);
+}
+
+#[tokio::test]
+async fn status_429_carries_rate_limit_headers() {
+    let fake = FakeRelace::start().await;
+    let resp = call(
+        fake.addr(),
+        "GET",
+        &format!("/v1/repo/{REPO}?status=429&retry_after=3"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(resp.status, 429);
+    assert_eq!(resp.header("retry-after"), Some("3"));
+    assert_eq!(resp.header("x-ratelimit-limit"), Some("100"));
+    assert_eq!(resp.header("x-ratelimit-remaining"), Some("0"));
+    assert_eq!(resp.header("x-ratelimit-reset"), Some("60"));
+    assert_eq!(resp.json()["error"], "Rate limit exceeded");
+
+    let hop = call(
+        fake.addr(),
+        "GET",
+        &format!("/v1/repo/{REPO}?hop=1"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(hop.header("x-hop-secret"), Some("1"));
+    assert_eq!(hop.header("x-end-to-end"), Some("kept"));
+
+    let missing = call(fake.addr(), "GET", "/v2/nothing", &[], b"").await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["error"], "Bad Request: Route not found");
+}
+
+#[tokio::test]
+async fn sse_events_arrive_as_separate_frames() {
+    let fake = FakeRelace::start().await;
+    let raw = build_request(
+        "POST",
+        &format!("/v1/repo/{REPO}/agent?sse=3&interval_ms=150"),
+        &[],
+        b"{}",
+    );
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(fake.addr()).await.unwrap();
+    stream.write_all(&raw).await.unwrap();
+
+    // Read until the first event is in; the later ones must not be there yet.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while find(&got, b"\"i\":0").is_none() {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "EOF before the first event");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(find(&got, b"\"i\":2").is_none(), "events were not streamed");
+
+    stream.read_to_end(&mut got).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let resp = parse_response(&got);
+    assert_eq!(resp.header("content-type"), Some("text/event-stream"));
+    assert_eq!(resp.header("cache-control"), Some("no-cache"));
+    let text = String::from_utf8(resp.body).unwrap();
+    assert_eq!(
+        text,
+        "event: agent\ndata: {\"i\":0}\n\nevent: agent\ndata: {\"i\":1}\n\nevent: agent\ndata: {\"i\":2}\n\n"
+    );
+}
+
+#[tokio::test]
+async fn reset_drops_the_connection_without_a_response() {
+    let fake = FakeRelace::start().await;
+    let raw = build_request("GET", &format!("/v1/repo/{REPO}?reset=1"), &[], b"");
+    let mut stream = TcpStream::connect(fake.addr()).await.unwrap();
+    stream.write_all(&raw).await.unwrap();
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got).await;
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert_eq!(fake.request_count(), 1);
+}
+
+#[tokio::test]
+async fn serves_h2c() {
+    let fake = FakeRelace::start().await;
+    let stream = TcpStream::connect(fake.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/v1/repo/{REPO}/file/a%2Fb", fake.addr()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let rec = &fake.requests()[0];
+    assert_eq!(rec.version, "HTTP/2.0");
+    assert_eq!(rec.target, format!("/v1/repo/{REPO}/file/a%2Fb"));
+}
