@@ -1,0 +1,375 @@
+//! Runs the real gateway for tests: in-process on `127.0.0.1:0` (`Gateway`), or as the
+//! real binary in a child process (`GatewayProcess`) when a test must measure the
+//! gateway's own memory or signals.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::fake_relace::{FakeRelace, ACCOUNT_KEY};
+use super::raw::{call, RawResponse};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+/// The repo the tests' tokens are usually scoped to.
+pub const REPO_A: &str = "3f2c9a1e-7b4d-4e8a-9c6f-1a2b3c4d5e6f";
+/// A repo those tokens are not scoped to.
+pub const REPO_B: &str = "8e1d2c3b-4a59-4f6e-8d7c-6b5a49382716";
+
+/// A fresh, well-formed repo token (`rlcr-` + 40 hex).
+pub fn new_token() -> String {
+    format!("rlcr-{}{}", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// git's credential form: `Basic base64("token:<secret>")`.
+pub fn basic(secret: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("token:{secret}"))
+    )
+}
+
+/// Builds the gateway's TOML config: loopback listeners, the memory store, the given
+/// upstream, plus any `section.key = value` overrides.
+pub struct GatewayBuilder {
+    upstream_url: String,
+    settings: Vec<(String, String, String)>,
+    admin_token: bool,
+}
+
+impl GatewayBuilder {
+    /// Sets `section.key` to a TOML value, e.g. `.set("upstream.connect_timeout", "\"250ms\"")`.
+    pub fn set(mut self, key: &str, toml_value: &str) -> Self {
+        let (section, key) = key.split_once('.').expect("section.key");
+        self.settings
+            .push((section.to_owned(), key.to_owned(), toml_value.to_owned()));
+        self
+    }
+
+    /// Starts without an admin token (the admin API is then refused).
+    pub fn without_admin_token(mut self) -> Self {
+        self.admin_token = false;
+        self
+    }
+
+    pub fn toml(&self, proxy_listen: &str, admin_listen: &str) -> String {
+        let mut sections: Vec<(String, Vec<(String, String)>)> = vec![
+            (
+                "proxy".into(),
+                vec![("listen".into(), format!("\"{proxy_listen}\""))],
+            ),
+            (
+                "admin".into(),
+                vec![("listen".into(), format!("\"{admin_listen}\""))],
+            ),
+            (
+                "upstream".into(),
+                vec![("url".into(), format!("\"{}\"", self.upstream_url))],
+            ),
+            (
+                "scopes".into(),
+                vec![("store".into(), "\"memory\"".into())],
+            ),
+        ];
+        if self.admin_token {
+            sections[1]
+                .1
+                .push(("token".into(), format!("\"{ADMIN_TOKEN}\"")));
+        }
+        for (section, key, value) in &self.settings {
+            let entry = match sections.iter_mut().find(|(s, _)| s == section) {
+                Some(entry) => entry,
+                None => {
+                    sections.push((section.clone(), Vec::new()));
+                    sections.last_mut().expect("just pushed")
+                }
+            };
+            entry.1.retain(|(k, _)| k != key);
+            entry.1.push((key.clone(), value.clone()));
+        }
+        let mut out = String::new();
+        for (section, keys) in sections {
+            out.push_str(&format!("[{section}]\n"));
+            for (k, v) in keys {
+                out.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        out
+    }
+
+    /// Starts the real gateway in this process on two fresh loopback ports.
+    pub async fn start(self) -> Gateway {
+        let toml = self.toml("127.0.0.1:0", "127.0.0.1:0");
+        let (config, _) = scopegate::config::from_toml_with_env(&toml, Vec::new())
+            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let proxy_addr = proxy.local_addr().expect("proxy addr");
+        let admin_addr = admin.local_addr().expect("admin addr");
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(scopegate::run(
+            config,
+            scopegate::Listeners { proxy, admin },
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        Gateway {
+            proxy: proxy_addr,
+            admin: admin_addr,
+            stop: Some(stop_tx),
+            task: Some(task),
+        }
+    }
+}
+
+/// The real gateway, running in this process.
+pub struct Gateway {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Gateway {
+    pub fn builder(upstream_url: &str) -> GatewayBuilder {
+        GatewayBuilder {
+            upstream_url: upstream_url.to_owned(),
+            settings: Vec::new(),
+            admin_token: true,
+        }
+    }
+
+    /// A gateway with default settings in front of `fake`.
+    pub async fn start(fake: &FakeRelace) -> Gateway {
+        Self::builder(&fake.url()).start().await
+    }
+
+    /// A raw HTTP/1.1 request to the proxy listener.
+    pub async fn proxy_call(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> RawResponse {
+        call(self.proxy, method, target, headers, body).await
+    }
+
+    /// A raw HTTP/1.1 request to the admin listener.
+    pub async fn admin_call(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> RawResponse {
+        call(self.admin, method, target, headers, body).await
+    }
+
+    /// `POST /admin/tokens` with the admin token.
+    pub async fn register(
+        &self,
+        token: &str,
+        repo_ids: &[&str],
+        expires_at: Option<&str>,
+    ) -> RawResponse {
+        let body = serde_json::json!({
+            "token": token,
+            "name": "test",
+            "repo_ids": repo_ids,
+            "expires_at": expires_at,
+        });
+        let auth = bearer(ADMIN_TOKEN);
+        self.admin_call(
+            "POST",
+            "/admin/tokens",
+            &[("Authorization", &auth), ("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+        .await
+    }
+
+    /// Registers a fresh token for `repo_ids` and returns it.
+    pub async fn token_for(&self, repo_ids: &[&str]) -> String {
+        let token = new_token();
+        let r = self.register(&token, repo_ids, None).await;
+        assert_eq!(r.status, 201, "register: {}", String::from_utf8_lossy(&r.body));
+        token
+    }
+
+    /// Mints a token through the admin listener's `/v1/repo_token` passthrough (the
+    /// orchestrator's path) and returns it.
+    pub async fn mint(&self, name: &str, repo_ids: &[&str], ttl_seconds: Option<u64>) -> String {
+        let body = serde_json::json!({ "name": name, "repo_ids": repo_ids, "ttl_seconds": ttl_seconds });
+        let auth = bearer(ACCOUNT_KEY);
+        let r = self
+            .admin_call(
+                "POST",
+                "/v1/repo_token",
+                &[("Authorization", &auth), ("Content-Type", "application/json")],
+                body.to_string().as_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "mint: {}", String::from_utf8_lossy(&r.body));
+        r.json()["token"].as_str().expect("token in mint answer").to_owned()
+    }
+
+    /// The Prometheus text from `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let r = self.admin_call("GET", "/metrics", &[], b"").await;
+        assert_eq!(r.status, 200);
+        String::from_utf8(r.body).expect("utf-8 metrics")
+    }
+
+    /// Stops the gateway (as SIGTERM would) and waits for it to finish draining.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.expect("gateway task panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Value of one metric sample line (`name{labels} value`), 0 when absent.
+pub fn metric_value(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Sends one request over a fresh HTTP/1.1 connection with hyper's client and returns
+/// the streaming response (for tests that read bodies frame by frame).
+pub async fn hyper_send<B>(addr: SocketAddr, req: Request<B>) -> http::Response<Incoming>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender.send_request(req).await.expect("send request")
+}
+
+/// The real `scopegate` binary in a child process.
+pub struct GatewayProcess {
+    pub child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Writes `builder`'s config (with port 0 listeners) and starts the binary with JSON
+    /// logs; the bound addresses are read from its start-up log line.
+    pub fn spawn(builder: &GatewayBuilder) -> GatewayProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("scopegate.toml");
+        std::fs::write(&path, builder.toml("127.0.0.1:0", "127.0.0.1:0")).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_scopegate"))
+            .arg("--config")
+            .arg(&path)
+            .env("SCOPEGATE_LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn,scopegate=info,scopegate::access=warn")
+            .env_remove("SCOPEGATE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn scopegate");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let (proxy, admin) = loop {
+            let line = match lines.next() {
+                Some(Ok(line)) => line,
+                other => panic!("scopegate exited before listening: {other:?}"),
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["message"] == "scopegate listening" {
+                let addr = |k: &str| -> SocketAddr {
+                    v[k].as_str().and_then(|s| s.parse().ok()).expect("listening address")
+                };
+                break (addr("proxy"), addr("admin"));
+            }
+        };
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.by_ref() {});
+        GatewayProcess {
+            child,
+            proxy,
+            admin,
+            config_dir: dir,
+        }
+    }
+
+    /// Resident set size of the gateway process, in KiB, from `/proc`.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
