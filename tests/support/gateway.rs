@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,7 +28,11 @@ pub const REPO_B: &str = "8e1d2c3b-4a59-4f6e-8d7c-6b5a49382716";
 
 /// A fresh, well-formed repo token (`rlcr-` + 40 hex).
 pub fn new_token() -> String {
-    format!("rlcr-{}{}", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "rlcr-{}{}",
+        uuid::Uuid::new_v4().simple(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 pub fn bearer(token: &str) -> String {
@@ -80,10 +85,7 @@ impl GatewayBuilder {
                 "upstream".into(),
                 vec![("url".into(), format!("\"{}\"", self.upstream_url))],
             ),
-            (
-                "scopes".into(),
-                vec![("store".into(), "\"memory\"".into())],
-            ),
+            ("scopes".into(), vec![("store".into(), "\"memory\"".into())]),
         ];
         if self.admin_token {
             sections[1]
@@ -198,7 +200,10 @@ impl Gateway {
         self.admin_call(
             "POST",
             "/admin/tokens",
-            &[("Authorization", &auth), ("Content-Type", "application/json")],
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
             body.to_string().as_bytes(),
         )
         .await
@@ -208,25 +213,37 @@ impl Gateway {
     pub async fn token_for(&self, repo_ids: &[&str]) -> String {
         let token = new_token();
         let r = self.register(&token, repo_ids, None).await;
-        assert_eq!(r.status, 201, "register: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            201,
+            "register: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         token
     }
 
     /// Mints a token through the admin listener's `/v1/repo_token` passthrough (the
     /// orchestrator's path) and returns it.
     pub async fn mint(&self, name: &str, repo_ids: &[&str], ttl_seconds: Option<u64>) -> String {
-        let body = serde_json::json!({ "name": name, "repo_ids": repo_ids, "ttl_seconds": ttl_seconds });
+        let body =
+            serde_json::json!({ "name": name, "repo_ids": repo_ids, "ttl_seconds": ttl_seconds });
         let auth = bearer(ACCOUNT_KEY);
         let r = self
             .admin_call(
                 "POST",
                 "/v1/repo_token",
-                &[("Authorization", &auth), ("Content-Type", "application/json")],
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/json"),
+                ],
                 body.to_string().as_bytes(),
             )
             .await;
         assert_eq!(r.status, 200, "mint: {}", String::from_utf8_lossy(&r.body));
-        r.json()["token"].as_str().expect("token in mint answer").to_owned()
+        r.json()["token"]
+            .as_str()
+            .expect("token in mint answer")
+            .to_owned()
     }
 
     /// The Prometheus text from `/metrics`.
@@ -291,12 +308,21 @@ pub struct GatewayProcess {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub config_dir: tempfile::TempDir,
+    /// Everything the process wrote to stderr (its JSON log lines), as it arrives.
+    logs: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl GatewayProcess {
     /// Writes `builder`'s config (with port 0 listeners) and starts the binary with JSON
     /// logs; the bound addresses are read from its start-up log line.
     pub fn spawn(builder: &GatewayBuilder) -> GatewayProcess {
+        Self::spawn_with_log_filter(builder, "warn,scopegate=info,scopegate::access=warn")
+    }
+
+    /// As [`spawn`](Self::spawn), with `RUST_LOG` set to `filter` (e.g. `"info"` to get
+    /// one access-log line per request).
+    pub fn spawn_with_log_filter(builder: &GatewayBuilder, filter: &str) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("scopegate.toml");
         std::fs::write(&path, builder.toml("127.0.0.1:0", "127.0.0.1:0")).expect("write config");
@@ -304,7 +330,7 @@ impl GatewayProcess {
             .arg("--config")
             .arg(&path)
             .env("SCOPEGATE_LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn,scopegate=info,scopegate::access=warn")
+            .env("RUST_LOG", filter)
             .env_remove("SCOPEGATE_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -312,30 +338,55 @@ impl GatewayProcess {
             .spawn()
             .expect("spawn scopegate");
         let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(String::new()));
         let mut lines = BufReader::new(stderr).lines();
         let (proxy, admin) = loop {
             let line = match lines.next() {
                 Some(Ok(line)) => line,
-                other => panic!("scopegate exited before listening: {other:?}"),
+                other => panic!(
+                    "scopegate exited before listening: {other:?}; it said:\n{}",
+                    logs.lock().map(|l| l.clone()).unwrap_or_default()
+                ),
             };
+            if let Ok(mut all) = logs.lock() {
+                all.push_str(&line);
+                all.push('\n');
+            }
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
             if v["message"] == "scopegate listening" {
                 let addr = |k: &str| -> SocketAddr {
-                    v[k].as_str().and_then(|s| s.parse().ok()).expect("listening address")
+                    v[k].as_str()
+                        .and_then(|s| s.parse().ok())
+                        .expect("listening address")
                 };
                 break (addr("proxy"), addr("admin"));
             }
         };
         // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.by_ref() {});
+        let sink = logs.clone();
+        let reader = std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(mut all) = sink.lock() {
+                    all.push_str(&line);
+                    all.push('\n');
+                }
+            }
+        });
         GatewayProcess {
             child,
             proxy,
             admin,
             config_dir: dir,
+            logs,
+            reader: Some(reader),
         }
+    }
+
+    /// The log lines written so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// Resident set size of the gateway process, in KiB, from `/proc`.
@@ -364,6 +415,20 @@ impl GatewayProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+}
+
+impl GatewayProcess {
+    /// SIGTERM, then the exit status (bounded wait) and every log line the process wrote
+    /// up to its exit.
+    pub fn stop(mut self, within: Duration) -> (Option<std::process::ExitStatus>, String) {
+        let status = self.terminate(within);
+        if status.is_some() {
+            if let Some(reader) = self.reader.take() {
+                let _ = reader.join();
+            }
+        }
+        (status, self.logs())
     }
 }
 
