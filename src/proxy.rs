@@ -50,7 +50,13 @@ pub async fn handle(
         req.method(),
         request_id(req.headers()),
     );
-    let classification = classify(req.method(), req.uri(), req.headers(), &state.options);
+    let classification = classify(
+        req.method(),
+        req.uri(),
+        req.version(),
+        req.headers(),
+        &state.options,
+    );
     record.set_route(classification.route.as_str());
     let git_route = classification.route == RouteClass::Git;
     let target = match classification.outcome {

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 
 use base64::Engine as _;
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, Method, Uri, Version};
 use uuid::Uuid;
 
 use crate::policy::OperationPolicy;
@@ -90,10 +90,11 @@ pub struct Classification {
 pub fn classify(
     method: &Method,
     uri: &Uri,
+    version: Version,
     headers: &HeaderMap,
     options: &ClassifyOptions,
 ) -> Classification {
-    let path = match parse_path(uri) {
+    let path = match parse_path(method, uri, version) {
         Ok(path) => path,
         Err(refusal) => {
             return Classification {
@@ -161,10 +162,18 @@ impl RepoPath<'_> {
 }
 
 /// SPEC §5: decode once, refuse anything that is not canonical, never normalise.
-pub fn parse_path(uri: &Uri) -> Result<RepoPath<'_>, Refusal> {
-    // Absolute form (`GET http://host/…`) and authority form (CONNECT) carry a scheme or an
-    // authority; a gateway that routed on them could be steered to another host.
-    if uri.scheme().is_some() || uri.authority().is_some() {
+pub fn parse_path<'a>(
+    method: &Method,
+    uri: &'a Uri,
+    version: Version,
+) -> Result<RepoPath<'a>, Refusal> {
+    // HTTP/1 absolute form (`GET http://host/…`) and authority form (CONNECT) carry a
+    // scheme or an authority in the request line; a gateway that routed on them could be
+    // steered to another host. HTTP/2 always carries `:scheme` and `:authority` beside
+    // `:path`, so there only CONNECT (which has no path) is refused.
+    let http1 = version < Version::HTTP_2;
+    if method == Method::CONNECT || (http1 && (uri.scheme().is_some() || uri.authority().is_some()))
+    {
         return Err(Refusal::BadPath);
     }
     parse_raw_path(uri.path())
@@ -398,6 +407,21 @@ mod tests {
         ] {
             assert_eq!(path(raw).err(), Some(Refusal::BadPath), "{raw}");
         }
+    }
+
+    #[test]
+    fn absolute_form_is_refused_on_http1_but_normal_on_http2() {
+        let uri: Uri = format!("http://evil.example/v1/repo/{ID}").parse().unwrap();
+        assert_eq!(
+            parse_path(&Method::GET, &uri, Version::HTTP_11).err(),
+            Some(Refusal::BadPath)
+        );
+        assert!(parse_path(&Method::GET, &uri, Version::HTTP_2).is_ok());
+        let connect: Uri = "evil.example:443".parse().unwrap();
+        assert_eq!(
+            parse_path(&Method::CONNECT, &connect, Version::HTTP_2).err(),
+            Some(Refusal::BadPath)
+        );
     }
 
     #[test]
