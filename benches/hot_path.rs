@@ -1,0 +1,100 @@
+//! Micro-benchmarks of the per-request decision: parsing (`classify`) and the scope
+//! lookup (`authorize`). The load benchmark against nginx/HAProxy lives in
+//! `../shared/perf`; these isolate scopegate's own work per request.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue, Method, Uri, Version};
+use scopegate::metrics::Metrics;
+use scopegate::policy::OperationPolicy;
+use scopegate::request::{classify, ClassifyOptions};
+use scopegate::scope::{ScopeEntry, ScopeTable, Source, TokenDigest};
+
+const TOKEN: &str = "rlcr-9f86d081884c7d659a2feaa0c55ad015a3bf4f1b";
+const REPO: &str = "3f2c9a1e-7b4d-4e8a-9c6f-1a2b3c4d5e6f";
+
+fn options() -> ClassifyOptions {
+    ClassifyOptions {
+        allow_account_keys: false,
+        policy: OperationPolicy::default_deny(),
+    }
+}
+
+fn headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {TOKEN}")).expect("header"),
+    );
+    h.insert("content-type", HeaderValue::from_static("application/json"));
+    h
+}
+
+fn bench_classify(c: &mut Criterion) {
+    let options = options();
+    let headers = headers();
+    let plain: Uri = format!("/v1/repo/{REPO}/search").parse().expect("uri");
+    let encoded: Uri = format!("/v1/repo/{REPO}/file/src%2Fapp%2Fmain.py")
+        .parse()
+        .expect("uri");
+    let mut group = c.benchmark_group("classify");
+    group.bench_function("plain_path", |b| {
+        b.iter(|| {
+            classify(
+                &Method::POST,
+                black_box(&plain),
+                Version::HTTP_11,
+                black_box(&headers),
+                &options,
+            )
+        })
+    });
+    group.bench_function("encoded_path", |b| {
+        b.iter(|| {
+            classify(
+                &Method::GET,
+                black_box(&encoded),
+                Version::HTTP_11,
+                black_box(&headers),
+                &options,
+            )
+        })
+    });
+    group.finish();
+}
+
+fn bench_authorize(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let scopes = ScopeTable::new(1000, Metrics::new().expect("metrics"));
+    let repo = uuid::Uuid::parse_str(REPO).expect("uuid");
+    scopes
+        .learn(
+            TokenDigest::of(TOKEN),
+            ScopeEntry {
+                name: "bench".into(),
+                repo_ids: vec![repo],
+                expires_at: None,
+                source: Source::Admin,
+            },
+        )
+        .expect("learn");
+    let uri: Uri = format!("/v1/repo/{REPO}/search").parse().expect("uri");
+    let target = classify(
+        &Method::POST,
+        &uri,
+        Version::HTTP_11,
+        &headers(),
+        &options(),
+    )
+    .outcome
+    .expect("target");
+    c.bench_function("authorize/cached_permit", |b| {
+        b.iter(|| runtime.block_on(scopes.authorize(black_box(&target))))
+    });
+}
+
+criterion_group!(benches, bench_classify, bench_authorize);
+criterion_main!(benches);
