@@ -68,10 +68,13 @@ fn bench_authorize(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    let scopes = ScopeTable::new(1000, Metrics::new().expect("metrics"));
+    let scopes = runtime.block_on(ScopeTable::in_memory(
+        1000,
+        Metrics::new().expect("metrics"),
+    ));
     let repo = uuid::Uuid::parse_str(REPO).expect("uuid");
-    scopes
-        .learn(
+    runtime
+        .block_on(scopes.learn(
             TokenDigest::of(TOKEN),
             ScopeEntry {
                 name: "bench".into(),
@@ -79,7 +82,7 @@ fn bench_authorize(c: &mut Criterion) {
                 expires_at: None,
                 source: Source::Admin,
             },
-        )
+        ))
         .expect("learn");
     let uri: Uri = format!("/v1/repo/{REPO}/search").parse().expect("uri");
     let target = classify(
@@ -92,7 +95,7 @@ fn bench_authorize(c: &mut Criterion) {
     .outcome
     .expect("target");
     c.bench_function("authorize/cached_permit", |b| {
-        b.iter(|| runtime.block_on(scopes.authorize(black_box(&target))))
+        b.iter(|| runtime.block_on(scopes.authorize(black_box(&target), || None)))
     });
 }
 

@@ -21,8 +21,9 @@ use crate::headers::{request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::metrics::{Decision, Direction, Listener, Metrics};
 use crate::observe::RequestRecord;
 use crate::proxy::{json_error, refuse, stream_response, upstream_request, ConnInfo};
+use crate::refusal::Refusal;
 use crate::request::{is_well_formed_repo_token, REPO_TOKEN_PREFIX};
-use crate::scope::{ScopeEntry, ScopeTable, Source, TokenDigest, TokenId};
+use crate::scope::{LearnError, ScopeEntry, ScopeTable, Source, StoreError, TokenDigest, TokenId};
 use crate::upstream::Upstream;
 
 /// Largest `POST /admin/tokens` body accepted.
@@ -189,27 +190,30 @@ async fn admin_tokens(
     let path = req.uri().path().to_owned();
     let key = path.strip_prefix("/admin/tokens").unwrap_or("");
     match (req.method().clone(), key) {
-        (Method::GET, "" | "/") => {
-            let tokens: Vec<serde_json::Value> = state
-                .scopes
-                .list()
-                .iter()
-                .map(|l| entry_json(l.id, &l.entry))
-                .collect();
-            json(
-                StatusCode::OK,
-                &serde_json::json!({ "tokens": tokens }),
-                rid,
-            )
-        }
+        (Method::GET, "" | "/") => match state.scopes.list().await {
+            Ok(listed) => {
+                let tokens: Vec<serde_json::Value> =
+                    listed.iter().map(|l| entry_json(l.id, &l.entry)).collect();
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "tokens": tokens }),
+                    rid,
+                )
+            }
+            Err(error) => store_unavailable(&error, rid),
+        },
         (Method::POST, "" | "/") => register(state, req, rid).await,
         (method @ (Method::GET | Method::DELETE), key) => {
             let key = key.trim_start_matches('/');
             let found = if key.starts_with(REPO_TOKEN_PREFIX) {
                 let digest = TokenDigest::of(key);
-                state.scopes.get(&digest).map(|e| (digest, e))
+                state
+                    .scopes
+                    .get(&digest)
+                    .await
+                    .map(|e| e.map(|e| (digest, e)))
             } else if let Some(id) = TokenId::parse(key) {
-                state.scopes.find_by_id(id)
+                state.scopes.find_by_id(id).await
             } else {
                 return json_error(
                     StatusCode::BAD_REQUEST,
@@ -218,13 +222,19 @@ async fn admin_tokens(
                     rid,
                 );
             };
-            let Some((digest, entry)) = found else {
-                return json_error(StatusCode::NOT_FOUND, "not_found", "no such token", rid);
+            let (digest, entry) = match found {
+                Ok(Some(found)) => found,
+                Ok(None) => {
+                    return json_error(StatusCode::NOT_FOUND, "not_found", "no such token", rid)
+                }
+                Err(error) => return store_unavailable(&error, rid),
             };
             if method == Method::GET {
                 json(StatusCode::OK, &entry_json(digest.id(), &entry), rid)
             } else {
-                state.scopes.revoke(digest, Source::Admin);
+                if let Err(error) = state.scopes.revoke(digest, Source::Admin).await {
+                    return store_unavailable(&error, rid);
+                }
                 let mut r = Response::new(Bytes::new());
                 *r.status_mut() = StatusCode::NO_CONTENT;
                 r.headers_mut().insert(X_REQUEST_ID.clone(), rid.clone());
@@ -270,15 +280,30 @@ async fn register(
         expires_at: registration.expires_at,
         source: Source::Admin,
     };
-    match state.scopes.learn(digest, entry) {
+    match state.scopes.learn(digest, entry).await {
         Ok(entry) => json(StatusCode::CREATED, &entry_json(digest.id(), &entry), rid),
-        Err(_revoked) => json_error(
+        Err(LearnError::Revoked) => json_error(
             StatusCode::CONFLICT,
             "token_revoked",
             "this token was revoked and cannot be registered again: mint a new one",
             rid,
         ),
+        Err(LearnError::Store(error)) => store_unavailable(&error, rid),
     }
+}
+
+/// The store could not record or read: nothing was acknowledged, retrying is safe.
+fn store_unavailable(error: &StoreError, rid: &HeaderValue) -> Response<Bytes> {
+    tracing::error!(%error, "scope store unavailable");
+    let mut r = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "scope_unavailable",
+        "the scope store cannot be written or read right now; nothing was changed, retry shortly",
+        rid,
+    );
+    r.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 fn entry_json(id: TokenId, entry: &ScopeEntry) -> serde_json::Value {
@@ -445,7 +470,12 @@ async fn passthrough(
     match learn {
         Learn::Delete(digest) if status.is_success() || status == StatusCode::NOT_FOUND => {
             // 404: the upstream no longer knows it either; it is dead everywhere.
-            state.scopes.revoke(digest, Source::Mint);
+            if let Err(error) = state.scopes.revoke(digest, Source::Mint).await {
+                // The upstream already deleted it; tell the orchestrator to retry so the
+                // local revocation is recorded too.
+                tracing::error!(%error, "could not record a revocation");
+                return refuse(Refusal::ScopeUnavailable, false, record);
+            }
         }
         Learn::Mint if status.is_success() => {
             return learn_from_mint(state, response, bytes_in, record).await;
@@ -483,16 +513,22 @@ async fn learn_from_mint(
     );
     let bytes = match Limited::new(counted, MAX_MINT_ANSWER).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(_) => return refuse(crate::refusal::Refusal::UpstreamUnavailable, false, record),
+        Err(_) => return refuse(Refusal::UpstreamUnavailable, false, record),
     };
     match mint_answer(&bytes) {
-        Ok((digest, entry)) => {
-            if state.scopes.learn(digest, entry).is_err() {
+        Ok((digest, entry)) => match state.scopes.learn(digest, entry).await {
+            Ok(_) => record.set_token_id(digest.id()),
+            Err(LearnError::Revoked) => {
                 tracing::warn!(token_id = %digest.id(), "minted token was already revoked; not learned");
-            } else {
-                record.set_token_id(digest.id());
             }
-        }
+            // An acknowledged mint must survive a restart; this one could not be
+            // recorded, so it is not acknowledged (the orchestrator retries and the
+            // orphan token expires upstream).
+            Err(LearnError::Store(error)) => {
+                tracing::error!(%error, token_id = %digest.id(), "could not record a minted token");
+                return refuse(Refusal::ScopeUnavailable, false, record);
+            }
+        },
         Err(problem) => {
             tracing::warn!(problem, "mint answer not understood; token not learned");
         }

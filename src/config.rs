@@ -457,7 +457,7 @@ pub fn validate(raw: &RawConfig, env: &ExtraEnv) -> Result<Config, ConfigErrors>
         "embedded" => Some(StoreKind::Embedded),
         "memory" => Some(StoreKind::Memory),
         "redis" => {
-            p.push("scopes.store: \"redis\" is not available in this build yet; use \"memory\" or \"embedded\"");
+            p.push("scopes.store: \"redis\" is not available in this build yet; use \"embedded\" or \"memory\"");
             None
         }
         other => {

@@ -44,11 +44,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::AdminState;
-use crate::config::{Config, StoreKind};
+use crate::config::{Config, Introspect, StoreKind};
 use crate::metrics::Metrics;
 use crate::proxy::ProxyState;
 use crate::request::ClassifyOptions;
-use crate::scope::ScopeTable;
+use crate::scope::introspect::Introspector;
+use crate::scope::{EmbeddedStore, ScopeTable, Store, TableSettings};
 use crate::upstream::Upstream;
 
 /// The two bound listeners. Binding is the caller's job so tests can use port 0.
@@ -87,16 +88,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("metrics registry")?;
-    if config.scopes.store == StoreKind::Embedded {
-        tracing::warn!(
-            "scopes.store = \"embedded\" is served from memory in this build: scopes do not survive a restart"
-        );
-    }
-    let scopes = Arc::new(ScopeTable::new(
-        config.scopes.cache_capacity,
-        metrics.clone(),
-    ));
     let upstream = Upstream::new(&config.upstream, metrics.clone()).context("upstream client")?;
+    let scopes = open_scopes(&config, &upstream, &metrics).await?;
+    let sweeper = tokio::spawn(sweep_periodically(scopes.clone()));
     let tls = config
         .proxy
         .tls
@@ -173,5 +167,67 @@ pub async fn run(
             "grace period over; closing the remaining connections"
         ),
     }
+    sweeper.abort();
     Ok(())
+}
+
+/// How often expired entries and old tombstones are swept from the store.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Opens the configured store and builds the scope table over it, with introspection
+/// when it is on (`auto`: when an API key is configured).
+async fn open_scopes(
+    config: &Config,
+    upstream: &Upstream,
+    metrics: &Metrics,
+) -> anyhow::Result<Arc<ScopeTable>> {
+    let store = match config.scopes.store {
+        StoreKind::Memory => Store::memory(),
+        StoreKind::Embedded => Store::Embedded(
+            EmbeddedStore::open(&config.scopes.path)
+                .with_context(|| format!("scopes.path {}", config.scopes.path.display()))?,
+        ),
+        StoreKind::Redis => {
+            anyhow::bail!("scopes.store = \"redis\" is not available in this build")
+        }
+    };
+    let introspection_on = match config.scopes.introspect {
+        Introspect::On => true,
+        Introspect::Off => false,
+        Introspect::Auto => config.upstream.api_key.is_some(),
+    };
+    let introspector = match (&config.upstream.api_key, introspection_on) {
+        (Some(key), true) => Some(
+            Introspector::new(upstream.clone(), key)
+                .context("upstream API key is not a valid header value")?,
+        ),
+        _ => None,
+    };
+    tracing::info!(
+        store = ?config.scopes.store,
+        introspection = introspector.is_some(),
+        "scope table ready"
+    );
+    let settings = TableSettings {
+        cache_capacity: config.scopes.cache_capacity,
+        negative_ttl: config.scopes.negative_ttl,
+        revalidate_after: config.scopes.revalidate_after,
+    };
+    ScopeTable::open(settings, store, introspector, metrics.clone())
+        .await
+        .context("opening the scope store")
+}
+
+async fn sweep_periodically(scopes: Arc<ScopeTable>) {
+    // The first sweep waits a full interval: start-up has enough to do.
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + SWEEP_INTERVAL, SWEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        match scopes.sweep(time::OffsetDateTime::now_utc()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "swept expired scopes and tombstones"),
+            Err(error) => tracing::warn!(%error, "sweeping the scope store failed"),
+        }
+    }
 }

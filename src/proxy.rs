@@ -17,7 +17,7 @@ use crate::headers::{prepare_request_headers, request_id, strip_hop_by_hop, X_RE
 use crate::metrics::{Decision, Direction, Listener, Metrics};
 use crate::observe::RequestRecord;
 use crate::refusal::Refusal;
-use crate::request::{classify, ClassifyOptions, Credential, RouteClass};
+use crate::request::{classify, presented_repo_token, ClassifyOptions, Credential, RouteClass};
 use crate::scope::{Permit, ScopeTable};
 use crate::upstream::Upstream;
 
@@ -66,7 +66,12 @@ pub async fn handle(
     if let Credential::RepoToken(digest) = target.credential {
         record.set_token_id(digest.id());
     }
-    match state.scopes.authorize(&target).await {
+    let headers = req.headers();
+    let authorized = state
+        .scopes
+        .authorize(&target, || presented_repo_token(headers))
+        .await;
+    match authorized {
         Ok(permit) => forward(state, permit, req, conn, record).await,
         Err(refusal) => refuse(refusal, git_route, record),
     }

@@ -353,6 +353,42 @@ fn credential_from_secret(secret: &str) -> Result<Credential, Refusal> {
     }
 }
 
+/// A presented repo token, held only while the one upstream call that needs it (an
+/// introspection) is made. `Debug` prints nothing of it.
+pub struct TokenSecret(String);
+
+impl TokenSecret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for TokenSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSecret(<redacted>)")
+    }
+}
+
+/// Re-reads the repo token from a request already classified as carrying one. Only
+/// called on a cache miss or a revalidation, so the hot path never copies the token.
+pub fn presented_repo_token(headers: &HeaderMap) -> Option<TokenSecret> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    let rest = rest.trim_start();
+    let secret = if scheme.eq_ignore_ascii_case("bearer") {
+        rest.to_owned()
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()?;
+        let decoded = String::from_utf8(decoded).ok()?;
+        decoded.split_once(':')?.1.to_owned()
+    } else {
+        return None;
+    };
+    is_well_formed_repo_token(&secret).then_some(TokenSecret(secret))
+}
+
 /// `rlcr-` followed by 16..=128 ASCII letters or digits.
 pub fn is_well_formed_repo_token(token: &str) -> bool {
     token.strip_prefix(REPO_TOKEN_PREFIX).is_some_and(|body| {

@@ -1,34 +1,98 @@
 //! The scope table: which token may touch which repos, and the decision of SPEC §4 rows
-//! 6–10 that turns a [`Target`] into a [`Permit`].
+//! 6–11 that turns a [`Target`] into a [`Permit`].
 //!
-//! Tiers, hottest first: a bounded moka cache keyed by [`TokenDigest`] → the store
-//! (memory for now) → introspection (later). Tokens are never keys or values anywhere
-//! here: only digests. This module knows nothing of HTTP statuses; it answers in
-//! [`Refusal`]s.
+//! Tiers, hottest first: a bounded moka cache keyed by [`TokenDigest`] → the [`Store`]
+//! (memory, or the durable embedded file) → introspection at the upstream. Tokens are
+//! never keys or values anywhere here, only digests; the plaintext is borrowed from the
+//! request for the one upstream call that needs it. This module knows nothing of HTTP
+//! statuses; it answers in [`Refusal`]s.
 
+mod codec;
 mod digest;
+mod embedded;
 mod entry;
-mod memory;
+pub mod introspect;
+mod store;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use moka::sync::Cache;
+use moka::future::Cache;
+use moka::Expiry;
 use time::OffsetDateTime;
 
 pub use digest::{TokenDigest, TokenId, TOKEN_ID_LEN};
+pub use embedded::EmbeddedStore;
 pub use entry::{ScopeEntry, Source};
-use memory::MemoryStore;
+pub use store::{Store, StoreError};
 
 use crate::metrics::{LookupResult, LookupTier, Metrics};
 use crate::refusal::Refusal;
-use crate::request::{Credential, Target};
+use crate::request::{Credential, Target, TokenSecret};
+use introspect::{Answer, Introspector};
+
+/// How long a revoked token without an expiry is remembered as revoked. Past it the
+/// token reads as unknown, which is refused just the same.
+pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Expired entries and tombstones are kept this long past their time, so a client sees
+/// `token_expired` (not `unknown_token`) for a while, then swept.
+pub const SWEEP_GRACE: Duration = Duration::from_secs(3600);
+
+/// A token the table knows, with when it was last confirmed (by the upstream, a mint or
+/// a registration).
+#[derive(Debug, Clone)]
+pub struct Active {
+    pub entry: Arc<ScopeEntry>,
+    pub confirmed_at: OffsetDateTime,
+}
+
+/// A revoked token, remembered until `retain_until`.
+#[derive(Debug, Clone)]
+pub struct Tombstone {
+    pub revoked_at: OffsetDateTime,
+    pub retain_until: OffsetDateTime,
+}
 
 /// What a store holds for one digest.
 #[derive(Debug, Clone)]
 pub enum Record {
-    Active(Arc<ScopeEntry>),
-    /// Revoked tokens are remembered so they answer `token_revoked`, not `unknown_token`.
-    Revoked,
+    Active(Active),
+    /// Revoked tokens answer `token_revoked`, not `unknown_token`.
+    Revoked(Tombstone),
+}
+
+/// What the cache holds: a record, or "nobody knows this token" for `negative_ttl`.
+#[derive(Debug, Clone)]
+enum Cached {
+    Known(Record),
+    Unknown,
+}
+
+/// Negative entries expire after `negative_ttl`; known ones stay until evicted by
+/// capacity or replaced.
+struct CacheExpiry {
+    negative_ttl: Duration,
+}
+
+impl Expiry<TokenDigest, Cached> for CacheExpiry {
+    fn expire_after_create(&self, _: &TokenDigest, value: &Cached, _: Instant) -> Option<Duration> {
+        match value {
+            Cached::Unknown => Some(self.negative_ttl),
+            Cached::Known(_) => None,
+        }
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &TokenDigest,
+        value: &Cached,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, now)
+    }
 }
 
 /// Proof that a request may be forwarded. Only [`ScopeTable::authorize`] makes one, and
@@ -56,24 +120,98 @@ pub struct Listed {
     pub entry: Arc<ScopeEntry>,
 }
 
+/// Why a token could not be learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LearnError {
+    /// It was revoked: a replayed mint answer or registration must not resurrect it.
+    Revoked,
+    /// The store could not record it, so it is not acknowledged.
+    Store(StoreError),
+}
+
+/// Tunables of the table (from `[scopes]`).
+#[derive(Debug, Clone)]
+pub struct TableSettings {
+    pub cache_capacity: u64,
+    pub negative_ttl: Duration,
+    pub revalidate_after: Duration,
+}
+
 /// The scope table with its tiers.
 pub struct ScopeTable {
-    cache: Cache<TokenDigest, Record>,
-    store: MemoryStore,
+    cache: Cache<TokenDigest, Cached>,
+    store: Store,
+    introspector: Option<Introspector>,
+    settings: TableSettings,
     metrics: Metrics,
+    /// Active entries in the store, kept incrementally (a count by scan would be O(n)).
+    active: AtomicI64,
+    /// Digests with a revalidation in flight, so a busy token triggers one at a time.
+    revalidating: Mutex<HashSet<TokenDigest>>,
 }
 
 impl ScopeTable {
-    pub fn new(cache_capacity: u64, metrics: Metrics) -> Self {
-        Self {
-            cache: Cache::new(cache_capacity),
-            store: MemoryStore::default(),
+    /// Builds the table over an opened store and counts its active entries.
+    pub async fn open(
+        settings: TableSettings,
+        store: Store,
+        introspector: Option<Introspector>,
+        metrics: Metrics,
+    ) -> Result<Arc<Self>, StoreError> {
+        let active = store
+            .snapshot()
+            .await?
+            .iter()
+            .filter(|(_, r)| matches!(r, Record::Active(_)))
+            .count();
+        let cache = Cache::builder()
+            .max_capacity(settings.cache_capacity)
+            .expire_after(CacheExpiry {
+                negative_ttl: settings.negative_ttl,
+            })
+            .build();
+        let table = Arc::new(Self {
+            cache,
+            store,
+            introspector,
+            settings,
             metrics,
+            active: AtomicI64::new(i64::try_from(active).unwrap_or(i64::MAX)),
+            revalidating: Mutex::new(HashSet::new()),
+        });
+        table.publish_count();
+        Ok(table)
+    }
+
+    /// A memory-backed table without introspection (tests, benches).
+    pub async fn in_memory(cache_capacity: u64, metrics: Metrics) -> Arc<Self> {
+        let settings = TableSettings {
+            cache_capacity,
+            negative_ttl: Duration::from_secs(10),
+            revalidate_after: Duration::from_secs(60),
+        };
+        match Self::open(settings.clone(), Store::memory(), None, metrics.clone()).await {
+            Ok(table) => table,
+            // The memory store cannot fail to open; build the same thing by hand.
+            Err(_) => Arc::new(Self {
+                cache: Cache::new(cache_capacity),
+                store: Store::memory(),
+                introspector: None,
+                settings,
+                metrics,
+                active: AtomicI64::new(0),
+                revalidating: Mutex::new(HashSet::new()),
+            }),
         }
     }
 
-    /// SPEC §4 rows 6–10 for a target that passed rows 1–5.
-    pub async fn authorize(&self, target: &Target) -> Result<Permit, Refusal> {
+    /// SPEC §4 rows 6–11 for a target that passed rows 1–5. `secret` yields the
+    /// presented token, and is called only when the upstream must be asked about it.
+    pub async fn authorize(
+        self: &Arc<Self>,
+        target: &Target,
+        secret: impl FnOnce() -> Option<TokenSecret>,
+    ) -> Result<Permit, Refusal> {
         let digest = match target.credential {
             Credential::RepoToken(digest) => digest,
             // Account keys are only here when `proxy.allow_account_keys` let them through;
@@ -86,12 +224,23 @@ impl ScopeTable {
                 };
             }
         };
-        let entry = match self.lookup(&digest) {
-            None => return Err(Refusal::UnknownToken),
-            Some(Record::Revoked) => return Err(Refusal::TokenRevoked),
-            Some(Record::Active(entry)) => entry,
+        let mut secret = Some(secret);
+        let cached = self.lookup(digest, &mut secret).await?;
+        let active = match cached {
+            Cached::Unknown => return Err(Refusal::UnknownToken),
+            Cached::Known(Record::Revoked(_)) => return Err(Refusal::TokenRevoked),
+            Cached::Known(Record::Active(active)) => active,
         };
-        if entry.is_expired_at(OffsetDateTime::now_utc()) {
+        let now = OffsetDateTime::now_utc();
+        if self.introspector.is_some()
+            && now - active.confirmed_at >= self.settings.revalidate_after
+        {
+            if let Some(token) = secret.take().and_then(|f| f()) {
+                self.spawn_revalidation(digest, token);
+            }
+        }
+        let entry = active.entry;
+        if entry.is_expired_at(now) {
             return Err(Refusal::TokenExpired);
         }
         if !entry.covers(&target.repo_id) {
@@ -105,108 +254,307 @@ impl ScopeTable {
         })
     }
 
-    fn lookup(&self, digest: &TokenDigest) -> Option<Record> {
-        if let Some(record) = self.cache.get(digest) {
+    /// Cache, then (once per digest, however many ask at the same time) store and
+    /// introspection. Failures are not cached.
+    async fn lookup<F>(
+        &self,
+        digest: TokenDigest,
+        secret: &mut Option<F>,
+    ) -> Result<Cached, Refusal>
+    where
+        F: FnOnce() -> Option<TokenSecret>,
+    {
+        if let Some(cached) = self.cache.get(&digest).await {
             self.metrics
                 .scope_lookup(LookupTier::Cache, LookupResult::Hit);
-            return Some(record);
+            return Ok(cached);
         }
         self.metrics
             .scope_lookup(LookupTier::Cache, LookupResult::Miss);
-        let found = self.store.get(digest);
-        match &found {
-            Some(record) => {
-                self.metrics
-                    .scope_lookup(LookupTier::Store, LookupResult::Hit);
-                self.cache.insert(*digest, record.clone());
-            }
-            None => self
-                .metrics
-                .scope_lookup(LookupTier::Store, LookupResult::Miss),
-        }
-        found
+        let token = if self.introspector.is_some() {
+            secret.take().and_then(|f| f())
+        } else {
+            None
+        };
+        self.cache
+            .try_get_with(digest, self.load(digest, token))
+            .await
+            .map_err(|_| Refusal::ScopeUnavailable)
     }
 
-    /// Records a token's scope (mint, admin registration, introspection). A token that
-    /// was revoked stays revoked: a replayed mint answer must not resurrect it.
-    pub fn learn(
+    async fn load(&self, digest: TokenDigest, token: Option<TokenSecret>) -> Result<Cached, ()> {
+        let store_failed = match self.store.get(&digest).await {
+            Ok(Some(record)) => {
+                self.metrics
+                    .scope_lookup(LookupTier::Store, LookupResult::Hit);
+                return Ok(Cached::Known(record));
+            }
+            Ok(None) => {
+                self.metrics
+                    .scope_lookup(LookupTier::Store, LookupResult::Miss);
+                false
+            }
+            Err(error) => {
+                self.metrics
+                    .scope_lookup(LookupTier::Store, LookupResult::Error);
+                tracing::warn!(%error, token_id = %digest.id(), "scope store lookup failed");
+                true
+            }
+        };
+        let (Some(introspector), Some(token)) = (&self.introspector, token) else {
+            // Without introspection the store is the authority; if it failed, fail closed.
+            return if store_failed {
+                Err(())
+            } else {
+                Ok(Cached::Unknown)
+            };
+        };
+        match introspector.lookup(token.expose()).await {
+            Ok(Answer::Known {
+                name,
+                repo_ids,
+                expires_at,
+            }) => {
+                self.metrics
+                    .scope_lookup(LookupTier::Introspection, LookupResult::Hit);
+                let record = Record::Active(Active {
+                    entry: Arc::new(ScopeEntry {
+                        name,
+                        repo_ids,
+                        expires_at,
+                        source: Source::Introspection,
+                    }),
+                    confirmed_at: OffsetDateTime::now_utc(),
+                });
+                match self.store.put(digest, record.clone()).await {
+                    Ok(()) => {
+                        self.active.fetch_add(1, Ordering::Relaxed);
+                        self.publish_count();
+                    }
+                    // Still serve it from the cache: the upstream just vouched for it.
+                    Err(error) => tracing::warn!(%error, "could not store an introspected scope"),
+                }
+                self.metrics.token_learned(Source::Introspection);
+                Ok(Cached::Known(record))
+            }
+            Ok(Answer::Unknown) => {
+                self.metrics
+                    .scope_lookup(LookupTier::Introspection, LookupResult::Miss);
+                Ok(Cached::Unknown)
+            }
+            Err(error) => {
+                self.metrics
+                    .scope_lookup(LookupTier::Introspection, LookupResult::Error);
+                tracing::warn!(error = %error.0, token_id = %digest.id(), "introspection failed");
+                Err(())
+            }
+        }
+    }
+
+    fn spawn_revalidation(self: &Arc<Self>, digest: TokenDigest, token: TokenSecret) {
+        {
+            let mut inflight = self.revalidating.lock().unwrap_or_else(|e| e.into_inner());
+            if !inflight.insert(digest) {
+                return;
+            }
+        }
+        let table = Arc::clone(self);
+        tokio::spawn(async move {
+            table.revalidate(digest, token).await;
+            table
+                .revalidating
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&digest);
+        });
+    }
+
+    /// Re-confirms one entry with the upstream: 200 refreshes it, 404 revokes it, an
+    /// error keeps it (counted).
+    async fn revalidate(&self, digest: TokenDigest, token: TokenSecret) {
+        let Some(introspector) = &self.introspector else {
+            return;
+        };
+        match introspector.lookup(token.expose()).await {
+            Ok(Answer::Known {
+                name,
+                repo_ids,
+                expires_at,
+            }) => {
+                self.metrics
+                    .scope_lookup(LookupTier::Introspection, LookupResult::Hit);
+                let source = match self.store.get(&digest).await {
+                    Ok(Some(Record::Active(a))) => a.entry.source,
+                    // Revoked meanwhile (or gone): a late answer must not resurrect it.
+                    _ => return,
+                };
+                let record = Record::Active(Active {
+                    entry: Arc::new(ScopeEntry {
+                        name,
+                        repo_ids,
+                        expires_at,
+                        source,
+                    }),
+                    confirmed_at: OffsetDateTime::now_utc(),
+                });
+                if let Err(error) = self.store.put(digest, record.clone()).await {
+                    tracing::warn!(%error, "could not store a revalidated scope");
+                }
+                self.cache.insert(digest, Cached::Known(record)).await;
+            }
+            Ok(Answer::Unknown) => {
+                self.metrics
+                    .scope_lookup(LookupTier::Introspection, LookupResult::Miss);
+                tracing::info!(token_id = %digest.id(), "token deleted upstream; revoking");
+                if let Err(error) = self.revoke(digest, Source::Introspection).await {
+                    tracing::warn!(%error, "could not store a revocation");
+                }
+            }
+            Err(error) => {
+                self.metrics
+                    .scope_lookup(LookupTier::Introspection, LookupResult::Error);
+                tracing::warn!(error = %error.0, token_id = %digest.id(), "revalidation failed; keeping the entry");
+            }
+        }
+    }
+
+    /// Records a token's scope (mint, admin registration) durably, then caches it. A
+    /// revoked token stays revoked.
+    pub async fn learn(
         &self,
         digest: TokenDigest,
         entry: ScopeEntry,
-    ) -> Result<Arc<ScopeEntry>, Revoked> {
-        if matches!(self.store.get(&digest), Some(Record::Revoked)) {
-            return Err(Revoked);
+    ) -> Result<Arc<ScopeEntry>, LearnError> {
+        let previous = self.store.get(&digest).await.map_err(LearnError::Store)?;
+        if matches!(previous, Some(Record::Revoked(_))) {
+            return Err(LearnError::Revoked);
         }
         let source = entry.source;
         let entry = Arc::new(entry);
-        self.store.put(digest, Record::Active(entry.clone()));
-        self.cache.insert(digest, Record::Active(entry.clone()));
+        let record = Record::Active(Active {
+            entry: entry.clone(),
+            confirmed_at: OffsetDateTime::now_utc(),
+        });
+        self.store
+            .put(digest, record.clone())
+            .await
+            .map_err(LearnError::Store)?;
+        self.cache.insert(digest, Cached::Known(record)).await;
+        if previous.is_none() {
+            self.active.fetch_add(1, Ordering::Relaxed);
+        }
         self.metrics.token_learned(source);
-        self.refresh_gauge();
+        self.publish_count();
         Ok(entry)
     }
 
-    /// Revokes a token everywhere on this replica, effective for the next request.
-    /// Returns whether the token was known (active) before.
-    pub fn revoke(&self, digest: TokenDigest, source: Source) -> bool {
-        let was_active = matches!(self.store.get(&digest), Some(Record::Active(_)));
-        self.store.put(digest, Record::Revoked);
-        self.cache.insert(digest, Record::Revoked);
+    /// Revokes a token on this replica, effective for the next request, and remembers
+    /// the revocation durably until the token's expiry (or [`TOMBSTONE_RETENTION`]).
+    /// Returns whether the token was active.
+    pub async fn revoke(&self, digest: TokenDigest, source: Source) -> Result<bool, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let previous = self.store.get(&digest).await?;
+        let retain_until = match &previous {
+            Some(Record::Active(a)) => a.entry.expires_at.unwrap_or(now + TOMBSTONE_RETENTION),
+            Some(Record::Revoked(t)) => t.retain_until,
+            None => now + TOMBSTONE_RETENTION,
+        };
+        let record = Record::Revoked(Tombstone {
+            revoked_at: now,
+            retain_until,
+        });
+        self.store.put(digest, record.clone()).await?;
+        self.cache.insert(digest, Cached::Known(record)).await;
+        let was_active = matches!(previous, Some(Record::Active(_)));
         if was_active {
+            self.active.fetch_sub(1, Ordering::Relaxed);
             self.metrics.token_revoked(source);
+            self.publish_count();
         }
-        self.refresh_gauge();
-        was_active
+        Ok(was_active)
     }
 
     /// The active entry for a digest, if any.
-    pub fn get(&self, digest: &TokenDigest) -> Option<Arc<ScopeEntry>> {
-        match self.store.get(digest) {
-            Some(Record::Active(entry)) => Some(entry),
+    pub async fn get(&self, digest: &TokenDigest) -> Result<Option<Arc<ScopeEntry>>, StoreError> {
+        Ok(match self.store.get(digest).await? {
+            Some(Record::Active(a)) => Some(a.entry),
             _ => None,
-        }
+        })
     }
 
     /// Finds an active entry by its public id.
-    pub fn find_by_id(&self, id: TokenId) -> Option<(TokenDigest, Arc<ScopeEntry>)> {
-        self.store
+    pub async fn find_by_id(
+        &self,
+        id: TokenId,
+    ) -> Result<Option<(TokenDigest, Arc<ScopeEntry>)>, StoreError> {
+        Ok(self
+            .store
             .snapshot()
+            .await?
             .into_iter()
             .find_map(|(digest, record)| match record {
-                Record::Active(entry) if digest.id() == id => Some((digest, entry)),
+                Record::Active(a) if digest.id() == id => Some((digest, a.entry)),
                 _ => None,
-            })
+            }))
     }
 
     /// Every active entry, ordered by id for stable listings.
-    pub fn list(&self) -> Vec<Listed> {
+    pub async fn list(&self) -> Result<Vec<Listed>, StoreError> {
         let mut listed: Vec<Listed> = self
             .store
             .snapshot()
+            .await?
             .into_iter()
             .filter_map(|(digest, record)| match record {
-                Record::Active(entry) => Some(Listed {
+                Record::Active(a) => Some(Listed {
                     id: digest.id(),
-                    entry,
+                    entry: a.entry,
                 }),
-                Record::Revoked => None,
+                Record::Revoked(_) => None,
             })
             .collect();
         listed.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
-        listed
+        Ok(listed)
     }
 
-    /// Whether the store answers (always, for the memory store).
+    /// Removes entries expired, and tombstones past their retention, for longer than
+    /// [`SWEEP_GRACE`]. Returns how many records went.
+    pub async fn sweep(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+        let horizon = now - SWEEP_GRACE;
+        let mut gone_active = 0i64;
+        let doomed: Vec<TokenDigest> = self
+            .store
+            .snapshot()
+            .await?
+            .into_iter()
+            .filter_map(|(digest, record)| match record {
+                Record::Active(a) if a.entry.expires_at.is_some_and(|at| at < horizon) => {
+                    gone_active += 1;
+                    Some(digest)
+                }
+                Record::Revoked(t) if t.retain_until < horizon => Some(digest),
+                _ => None,
+            })
+            .collect();
+        let count = doomed.len();
+        for digest in &doomed {
+            self.cache.invalidate(digest).await;
+        }
+        self.store.remove_all(doomed).await?;
+        if gone_active > 0 {
+            self.active.fetch_sub(gone_active, Ordering::Relaxed);
+            self.publish_count();
+        }
+        Ok(count)
+    }
+
+    /// Whether the store answers (for `/readyz`).
     pub fn is_ready(&self) -> bool {
-        true
+        self.store.check().is_ok()
     }
 
-    fn refresh_gauge(&self) {
-        let count = i64::try_from(self.store.active_count()).unwrap_or(i64::MAX);
-        self.metrics.set_scope_entries(count);
+    fn publish_count(&self) {
+        self.metrics
+            .set_scope_entries(self.active.load(Ordering::Relaxed).max(0));
     }
 }
-
-/// A token that was revoked cannot be learned again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Revoked;

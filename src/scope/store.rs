@@ -1,0 +1,122 @@
+//! The store tier behind the cache: one enum over the backends, so the table (and the
+//! proxy above it) never knows which one is configured. A Redis backend joins as one
+//! more variant.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::RwLock;
+
+use super::embedded::EmbeddedStore;
+use super::{Record, TokenDigest};
+
+/// A store that could not answer. The decision fails closed on it (`scope_unavailable`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(String);
+
+impl StoreError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+
+    pub fn from_display(e: impl fmt::Display) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// The configured backend.
+pub enum Store {
+    /// A map in memory; nothing survives a restart.
+    Memory(RwLock<HashMap<TokenDigest, Record>>),
+    /// The redb file (durable, the default).
+    Embedded(EmbeddedStore),
+}
+
+impl Store {
+    pub fn memory() -> Self {
+        Store::Memory(RwLock::new(HashMap::new()))
+    }
+
+    pub async fn get(&self, digest: &TokenDigest) -> Result<Option<Record>, StoreError> {
+        match self {
+            Store::Memory(map) => Ok(read(map).get(digest).cloned()),
+            // A point read of a memory-mapped B-tree page: cheaper than a thread hop.
+            Store::Embedded(store) => store.get(digest),
+        }
+    }
+
+    /// Durable when it returns (for the embedded store: committed and fsynced).
+    pub async fn put(&self, digest: TokenDigest, record: Record) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(map) => {
+                write(map).insert(digest, record);
+                Ok(())
+            }
+            Store::Embedded(store) => {
+                let store = store.clone();
+                // A commit waits for fsync: keep it off the async workers.
+                tokio::task::spawn_blocking(move || store.put(&digest, &record))
+                    .await
+                    .map_err(StoreError::from_display)?
+            }
+        }
+    }
+
+    pub async fn remove_all(&self, digests: Vec<TokenDigest>) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(map) => {
+                let mut map = write(map);
+                for digest in &digests {
+                    map.remove(digest);
+                }
+                Ok(())
+            }
+            Store::Embedded(store) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.remove_all(&digests))
+                    .await
+                    .map_err(StoreError::from_display)?
+            }
+        }
+    }
+
+    pub async fn snapshot(&self) -> Result<Vec<(TokenDigest, Record)>, StoreError> {
+        match self {
+            Store::Memory(map) => Ok(read(map)
+                .iter()
+                .map(|(digest, record)| (*digest, record.clone()))
+                .collect()),
+            Store::Embedded(store) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.snapshot())
+                    .await
+                    .map_err(StoreError::from_display)?
+            }
+        }
+    }
+
+    /// Whether the store can be read right now (`/readyz`).
+    pub fn check(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Embedded(store) => store.check(),
+        }
+    }
+}
+
+// A poisoned lock only means another thread panicked between whole-value inserts; the
+// map is still consistent, so keep serving rather than propagate the panic.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
