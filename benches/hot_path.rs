@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri, Version};
 use scopegate::metrics::Metrics;
 use scopegate::policy::OperationPolicy;
 use scopegate::request::{classify, ClassifyOptions};
-use scopegate::scope::{ScopeEntry, ScopeTable, Source, TokenDigest};
+use scopegate::scope::{EmbeddedStore, ScopeEntry, ScopeTable, Source, Store, TokenDigest};
 
 const TOKEN: &str = "rlcr-9f86d081884c7d659a2feaa0c55ad015a3bf4f1b";
 const REPO: &str = "3f2c9a1e-7b4d-4e8a-9c6f-1a2b3c4d5e6f";
@@ -99,5 +99,41 @@ fn bench_authorize(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_classify, bench_authorize);
+/// A store hit: what a cache miss costs before introspection, per backend.
+fn bench_store_hit(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let digest = TokenDigest::of(TOKEN);
+    let repo = uuid::Uuid::parse_str(REPO).expect("uuid");
+    let record = scopegate::scope::Record::Active(scopegate::scope::Active {
+        entry: std::sync::Arc::new(ScopeEntry {
+            name: "bench".into(),
+            repo_ids: vec![repo],
+            expires_at: None,
+            source: Source::Admin,
+        }),
+        confirmed_at: time::OffsetDateTime::now_utc(),
+    });
+    let embedded =
+        Store::Embedded(EmbeddedStore::open(&dir.path().join("bench.db")).expect("open"));
+    let memory = Store::memory();
+    for store in [&embedded, &memory] {
+        runtime
+            .block_on(store.put(digest, record.clone()))
+            .expect("put");
+    }
+    let mut group = c.benchmark_group("store_hit");
+    group.bench_function("embedded", |b| {
+        b.iter(|| runtime.block_on(embedded.get(black_box(&digest))))
+    });
+    group.bench_function("memory", |b| {
+        b.iter(|| runtime.block_on(memory.get(black_box(&digest))))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_classify, bench_authorize, bench_store_hit);
 criterion_main!(benches);
