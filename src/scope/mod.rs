@@ -39,6 +39,8 @@ pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Expired entries and tombstones are kept this long past their time, so a client sees
 /// `token_expired` (not `unknown_token`) for a while, then swept.
 pub const SWEEP_GRACE: Duration = Duration::from_secs(3600);
+/// After a failed revalidation, the next attempt for that token waits this long.
+const REVALIDATION_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 
 /// A token the table knows, with when it was last confirmed (by the upstream, a mint or
 /// a registration).
@@ -360,7 +362,11 @@ impl ScopeTable {
         }
         let table = Arc::clone(self);
         tokio::spawn(async move {
-            table.revalidate(digest, token).await;
+            if !table.revalidate(digest, token).await {
+                // Failed: hold this token's slot a while so an upstream outage is not
+                // hammered at request rate.
+                tokio::time::sleep(REVALIDATION_RETRY_BACKOFF).await;
+            }
             table
                 .revalidating
                 .lock()
@@ -370,10 +376,10 @@ impl ScopeTable {
     }
 
     /// Re-confirms one entry with the upstream: 200 refreshes it, 404 revokes it, an
-    /// error keeps it (counted).
-    async fn revalidate(&self, digest: TokenDigest, token: TokenSecret) {
+    /// error keeps it (counted). Returns false when the upstream could not answer.
+    async fn revalidate(&self, digest: TokenDigest, token: TokenSecret) -> bool {
         let Some(introspector) = &self.introspector else {
-            return;
+            return true;
         };
         match introspector.lookup(token.expose()).await {
             Ok(Answer::Known {
@@ -386,7 +392,7 @@ impl ScopeTable {
                 let source = match self.store.get(&digest).await {
                     Ok(Some(Record::Active(a))) => a.entry.source,
                     // Revoked meanwhile (or gone): a late answer must not resurrect it.
-                    _ => return,
+                    _ => return true,
                 };
                 let record = Record::Active(Active {
                     entry: Arc::new(ScopeEntry {
@@ -401,6 +407,7 @@ impl ScopeTable {
                     tracing::warn!(%error, "could not store a revalidated scope");
                 }
                 self.cache.insert(digest, Cached::Known(record)).await;
+                true
             }
             Ok(Answer::Unknown) => {
                 self.metrics
@@ -409,11 +416,13 @@ impl ScopeTable {
                 if let Err(error) = self.revoke(digest, Source::Introspection).await {
                     tracing::warn!(%error, "could not store a revocation");
                 }
+                true
             }
             Err(error) => {
                 self.metrics
                     .scope_lookup(LookupTier::Introspection, LookupResult::Error);
                 tracing::warn!(error = %error.0, token_id = %digest.id(), "revalidation failed; keeping the entry");
+                false
             }
         }
     }
