@@ -39,6 +39,10 @@ pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Expired entries and tombstones are kept this long past their time, so a client sees
 /// `token_expired` (not `unknown_token`) for a while, then swept.
 pub const SWEEP_GRACE: Duration = Duration::from_secs(3600);
+/// How long past `revalidate_after` an entry may still be served while it is re-confirmed
+/// in the background; older entries are re-confirmed before the request is answered, so
+/// a token deleted upstream is refused within `revalidate_after` plus this.
+const STALE_GRACE: Duration = Duration::from_secs(1);
 /// After a failed revalidation, the next attempt for that token waits this long.
 const REVALIDATION_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -97,6 +101,15 @@ impl Expiry<TokenDigest, Cached> for CacheExpiry {
     }
 }
 
+/// The coalescing map for inline re-confirmations: an entry only lives long enough for
+/// concurrent requests to share one upstream call.
+fn confirming_cache() -> Cache<TokenDigest, ()> {
+    Cache::builder()
+        .max_capacity(100_000)
+        .time_to_live(Duration::from_millis(100))
+        .build()
+}
+
 /// Proof that a request may be forwarded. Only [`ScopeTable::authorize`] makes one, and
 /// forwarding takes one, so an unauthorized forward does not compile.
 #[derive(Debug, Clone)]
@@ -150,6 +163,8 @@ pub struct ScopeTable {
     active: AtomicI64,
     /// Digests with a revalidation in flight, so a busy token triggers one at a time.
     revalidating: Mutex<HashSet<TokenDigest>>,
+    /// Coalesces inline re-confirmations of idle entries (one upstream call per token).
+    confirming: Cache<TokenDigest, ()>,
 }
 
 impl ScopeTable {
@@ -180,6 +195,7 @@ impl ScopeTable {
             metrics,
             active: AtomicI64::new(i64::try_from(active).unwrap_or(i64::MAX)),
             revalidating: Mutex::new(HashSet::new()),
+            confirming: confirming_cache(),
         });
         table.publish_count();
         Ok(table)
@@ -203,6 +219,7 @@ impl ScopeTable {
                 metrics,
                 active: AtomicI64::new(0),
                 revalidating: Mutex::new(HashSet::new()),
+                confirming: confirming_cache(),
             }),
         }
     }
@@ -228,17 +245,43 @@ impl ScopeTable {
         };
         let mut secret = Some(secret);
         let cached = self.lookup(digest, &mut secret).await?;
-        let active = match cached {
+        let mut active = match cached {
             Cached::Unknown => return Err(Refusal::UnknownToken),
             Cached::Known(Record::Revoked(_)) => return Err(Refusal::TokenRevoked),
             Cached::Known(Record::Active(active)) => active,
         };
         let now = OffsetDateTime::now_utc();
+        // Expired tokens are refused as such; asking the upstream about them would only
+        // turn `token_expired` into a revocation.
+        let age = now - active.confirmed_at;
         if self.introspector.is_some()
-            && now - active.confirmed_at >= self.settings.revalidate_after
+            && age >= self.settings.revalidate_after
+            && !active.entry.is_expired_at(now)
         {
             if let Some(token) = secret.take().and_then(|f| f()) {
-                self.spawn_revalidation(digest, token);
+                if age < self.settings.revalidate_after + STALE_GRACE {
+                    // Stale-while-revalidate: this request proceeds on the entry it has.
+                    self.spawn_revalidation(digest, token);
+                } else {
+                    // Idle for longer than that: a token deleted upstream meanwhile must
+                    // not be forwarded once more, so confirm before answering (coalesced
+                    // per token; an upstream error keeps the entry).
+                    let table = Arc::clone(self);
+                    let _ = self
+                        .confirming
+                        .try_get_with(digest, async move {
+                            table.revalidate(digest, token).await;
+                            Ok::<(), ()>(())
+                        })
+                        .await;
+                    match self.cache.get(&digest).await {
+                        Some(Cached::Known(Record::Active(fresh))) => active = fresh,
+                        Some(Cached::Known(Record::Revoked(_))) => {
+                            return Err(Refusal::TokenRevoked)
+                        }
+                        _ => {}
+                    }
+                }
             }
         }
         let entry = active.entry;
