@@ -20,13 +20,17 @@ const MAX_ANSWER: usize = 64 * 1024;
 #[derive(Debug)]
 pub enum Answer {
     /// 200: the token exists with this scope.
-    Known {
-        name: String,
-        repo_ids: Vec<Uuid>,
-        expires_at: Option<OffsetDateTime>,
-    },
+    Known(KnownScope),
     /// 404: the upstream does not know the token.
     Unknown,
+}
+
+/// A token's scope as the upstream states it.
+#[derive(Debug)]
+pub struct KnownScope {
+    pub name: String,
+    pub repo_ids: Vec<Uuid>,
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// Why introspection could not answer (any status but 200/404, transport errors,
@@ -107,9 +111,9 @@ fn parse_known(body: &[u8]) -> Result<Answer, IntrospectionError> {
         .map(|s| OffsetDateTime::parse(&s, &Rfc3339))
         .transpose()
         .map_err(|_| IntrospectionError("answer has an unreadable expires_at".into()))?;
-    Ok(Answer::Known {
+    Ok(Answer::Known(KnownScope {
         name: wire.name.unwrap_or_default(),
         repo_ids,
         expires_at,
-    })
+    }))
 }

@@ -31,7 +31,7 @@ pub use store::{Store, StoreError};
 use crate::metrics::{LookupResult, LookupTier, Metrics};
 use crate::refusal::Refusal;
 use crate::request::{Credential, Target, TokenSecret};
-use introspect::{Answer, Introspector};
+use introspect::{Answer, Introspector, KnownScope};
 
 /// How long a revoked token without an expiry is remembered as revoked. Past it the
 /// token reads as unknown, which is refused just the same.
@@ -67,6 +67,21 @@ pub enum Record {
     Active(Active),
     /// Revoked tokens answer `token_revoked`, not `unknown_token`.
     Revoked(Tombstone),
+}
+
+impl KnownScope {
+    /// The record of a scope the upstream just confirmed.
+    fn into_record(self, source: Source) -> Record {
+        Record::Active(Active {
+            entry: Arc::new(ScopeEntry {
+                name: self.name,
+                repo_ids: self.repo_ids,
+                expires_at: self.expires_at,
+                source,
+            }),
+            confirmed_at: OffsetDateTime::now_utc(),
+        })
+    }
 }
 
 /// What the cache holds: a record, or "nobody knows this token" for `negative_ttl`.
@@ -354,23 +369,9 @@ impl ScopeTable {
                 Ok(Cached::Unknown)
             };
         };
-        match introspector.lookup(token.expose()).await {
-            Ok(Answer::Known {
-                name,
-                repo_ids,
-                expires_at,
-            }) => {
-                self.metrics
-                    .scope_lookup(LookupTier::Introspection, LookupResult::Hit);
-                let record = Record::Active(Active {
-                    entry: Arc::new(ScopeEntry {
-                        name,
-                        repo_ids,
-                        expires_at,
-                        source: Source::Introspection,
-                    }),
-                    confirmed_at: OffsetDateTime::now_utc(),
-                });
+        match self.ask_upstream(introspector, digest, &token).await {
+            Some(Answer::Known(scope)) => {
+                let record = scope.into_record(Source::Introspection);
                 match self.store.put(digest, record.clone()).await {
                     Ok(()) => {
                         self.active.fetch_add(1, Ordering::Relaxed);
@@ -382,18 +383,30 @@ impl ScopeTable {
                 self.metrics.token_learned(Source::Introspection);
                 Ok(Cached::Known(record))
             }
-            Ok(Answer::Unknown) => {
-                self.metrics
-                    .scope_lookup(LookupTier::Introspection, LookupResult::Miss);
-                Ok(Cached::Unknown)
-            }
-            Err(error) => {
-                self.metrics
-                    .scope_lookup(LookupTier::Introspection, LookupResult::Error);
-                tracing::warn!(error = %error.0, token_id = %digest.id(), "introspection failed");
-                Err(())
-            }
+            Some(Answer::Unknown) => Ok(Cached::Unknown),
+            None => Err(()),
         }
+    }
+
+    /// One introspection call, counted by its result; `None` when the upstream could not
+    /// answer.
+    async fn ask_upstream(
+        &self,
+        introspector: &Introspector,
+        digest: TokenDigest,
+        token: &TokenSecret,
+    ) -> Option<Answer> {
+        let answer = introspector.lookup(token.expose()).await;
+        let result = match &answer {
+            Ok(Answer::Known(_)) => LookupResult::Hit,
+            Ok(Answer::Unknown) => LookupResult::Miss,
+            Err(error) => {
+                tracing::warn!(error = %error.0, token_id = %digest.id(), "introspection failed");
+                LookupResult::Error
+            }
+        };
+        self.metrics.scope_lookup(LookupTier::Introspection, result);
+        answer.ok()
     }
 
     fn spawn_revalidation(self: &Arc<Self>, digest: TokenDigest, token: TokenSecret) {
@@ -424,49 +437,28 @@ impl ScopeTable {
         let Some(introspector) = &self.introspector else {
             return true;
         };
-        match introspector.lookup(token.expose()).await {
-            Ok(Answer::Known {
-                name,
-                repo_ids,
-                expires_at,
-            }) => {
-                self.metrics
-                    .scope_lookup(LookupTier::Introspection, LookupResult::Hit);
+        match self.ask_upstream(introspector, digest, &token).await {
+            Some(Answer::Known(scope)) => {
                 let source = match self.store.get(&digest).await {
                     Ok(Some(Record::Active(a))) => a.entry.source,
                     // Revoked meanwhile (or gone): a late answer must not resurrect it.
                     _ => return true,
                 };
-                let record = Record::Active(Active {
-                    entry: Arc::new(ScopeEntry {
-                        name,
-                        repo_ids,
-                        expires_at,
-                        source,
-                    }),
-                    confirmed_at: OffsetDateTime::now_utc(),
-                });
+                let record = scope.into_record(source);
                 if let Err(error) = self.store.put(digest, record.clone()).await {
                     tracing::warn!(%error, "could not store a revalidated scope");
                 }
                 self.cache.insert(digest, Cached::Known(record)).await;
                 true
             }
-            Ok(Answer::Unknown) => {
-                self.metrics
-                    .scope_lookup(LookupTier::Introspection, LookupResult::Miss);
+            Some(Answer::Unknown) => {
                 tracing::info!(token_id = %digest.id(), "token deleted upstream; revoking");
                 if let Err(error) = self.revoke(digest, Source::Introspection).await {
                     tracing::warn!(%error, "could not store a revocation");
                 }
                 true
             }
-            Err(error) => {
-                self.metrics
-                    .scope_lookup(LookupTier::Introspection, LookupResult::Error);
-                tracing::warn!(error = %error.0, token_id = %digest.id(), "revalidation failed; keeping the entry");
-                false
-            }
+            None => false,
         }
     }
 
