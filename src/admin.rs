@@ -16,13 +16,13 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::body::{CountingBody, ResponseBody};
-use crate::config::Secret;
 use crate::headers::{request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::metrics::{Decision, Direction, Listener, Metrics};
 use crate::observe::RequestRecord;
 use crate::proxy::{json_error, refuse, stream_response, upstream_request, ConnInfo};
 use crate::refusal::Refusal;
 use crate::request::{is_well_formed_repo_token, REPO_TOKEN_PREFIX};
+use crate::runtime::LiveSettings;
 use crate::scope::{LearnError, ScopeEntry, ScopeTable, Source, StoreError, TokenDigest, TokenId};
 use crate::upstream::Upstream;
 
@@ -35,31 +35,13 @@ const MAX_NAME_LEN: usize = 256;
 
 /// What the admin handler shares across requests.
 pub struct AdminState {
-    /// SHA-256 of the configured admin token; `None` refuses `/admin/*`.
-    admin_token_digest: Option<[u8; 32]>,
+    /// Reloadable settings (the admin token's digest among them).
+    pub settings: LiveSettings,
     pub scopes: Arc<ScopeTable>,
     pub upstream: Upstream,
     pub metrics: Metrics,
     /// False once draining starts (SIGTERM): `/readyz` turns 503.
     pub accepting: Arc<AtomicBool>,
-}
-
-impl AdminState {
-    pub fn new(
-        admin_token: Option<&Secret>,
-        scopes: Arc<ScopeTable>,
-        upstream: Upstream,
-        metrics: Metrics,
-        accepting: Arc<AtomicBool>,
-    ) -> Self {
-        Self {
-            admin_token_digest: admin_token.map(|t| Sha256::digest(t.expose().as_bytes()).into()),
-            scopes,
-            upstream,
-            metrics,
-            accepting,
-        }
-    }
 }
 
 /// Handles one admin-listener request.
@@ -148,7 +130,8 @@ fn authorized(
     state: &AdminState,
     headers: &HeaderMap,
 ) -> Result<(), (StatusCode, &'static str, &'static str)> {
-    let Some(expected) = &state.admin_token_digest else {
+    let settings = state.settings.load();
+    let Some(expected) = &settings.admin_token_digest else {
         return Err((
             StatusCode::UNAUTHORIZED,
             "admin_disabled",

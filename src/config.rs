@@ -67,6 +67,10 @@ impl Default for RawProxy {
 pub struct RawAdmin {
     pub listen: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<String>,
@@ -76,6 +80,8 @@ impl Default for RawAdmin {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9090".into(),
+            tls_cert: None,
+            tls_key: None,
             token: None,
             token_file: None,
         }
@@ -185,6 +191,7 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
     /// `None`: `/admin/*` is refused.
     pub token: Option<Secret>,
 }
@@ -389,21 +396,8 @@ pub fn validate(raw: &RawConfig, env: &ExtraEnv) -> Result<Config, ConfigErrors>
     let mut p = Problems::default();
 
     let proxy_listen = p.addr("proxy.listen", &raw.proxy.listen);
-    let tls = match (&raw.proxy.tls_cert, &raw.proxy.tls_key) {
-        (None, None) => None,
-        (Some(cert), Some(key)) => {
-            p.readable_file("proxy.tls_cert", cert);
-            p.readable_file("proxy.tls_key", key);
-            Some(TlsFiles {
-                cert: cert.into(),
-                key: key.into(),
-            })
-        }
-        _ => {
-            p.push("proxy.tls_cert/proxy.tls_key: set both (TLS) or neither (plain HTTP)");
-            None
-        }
-    };
+    let tls = p.tls_files("proxy", &raw.proxy.tls_cert, &raw.proxy.tls_key);
+    let admin_tls = p.tls_files("admin", &raw.admin.tls_cert, &raw.admin.tls_key);
     let policy = match OperationPolicy::parse(&raw.proxy.deny_operations) {
         Ok(policy) => policy,
         Err(e) => {
@@ -539,6 +533,7 @@ pub fn validate(raw: &RawConfig, env: &ExtraEnv) -> Result<Config, ConfigErrors>
         },
         admin: AdminConfig {
             listen: admin_listen,
+            tls: admin_tls,
             token: admin_token.map(Secret::new),
         },
         upstream: UpstreamConfig {
@@ -595,6 +590,32 @@ impl Problems {
     fn readable_file(&mut self, key: &str, path: &str) {
         if let Err(e) = std::fs::metadata(path) {
             self.push(format!("{key}: cannot read {path:?}: {e}"));
+        }
+    }
+
+    /// `<section>.tls_cert` and `<section>.tls_key`: both (TLS) or neither (plain).
+    fn tls_files(
+        &mut self,
+        section: &str,
+        cert: &Option<String>,
+        key: &Option<String>,
+    ) -> Option<TlsFiles> {
+        match (cert, key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                self.readable_file(&format!("{section}.tls_cert"), cert);
+                self.readable_file(&format!("{section}.tls_key"), key);
+                Some(TlsFiles {
+                    cert: cert.into(),
+                    key: key.into(),
+                })
+            }
+            _ => {
+                self.push(format!(
+                    "{section}.tls_cert/{section}.tls_key: set both (TLS) or neither (plain HTTP)"
+                ));
+                None
+            }
         }
     }
 

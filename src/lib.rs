@@ -18,6 +18,7 @@
 //! | [`upstream`] | the pooled hyper-util client with its rustls connector |
 //! | [`metrics`] | the typed metrics handle (SPEC §9) |
 //! | [`server`] | accept loops, TLS, graceful shutdown |
+//! | [`runtime`] | what a SIGHUP reload may swap: live settings and TLS acceptors |
 
 pub mod admin;
 pub mod body;
@@ -29,6 +30,7 @@ pub mod policy;
 pub mod proxy;
 pub mod refusal;
 pub mod request;
+pub mod runtime;
 pub mod scope;
 pub mod server;
 pub mod upstream;
@@ -37,17 +39,19 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::admin::AdminState;
-use crate::config::{Config, Introspect, StoreKind};
+use crate::config::{Config, ConfigErrors, Introspect, StoreKind};
 use crate::metrics::Metrics;
 use crate::proxy::ProxyState;
-use crate::request::ClassifyOptions;
+use crate::runtime::{LiveSettings, Settings, TlsAcceptors, TlsSlot};
 use crate::scope::introspect::Introspector;
 use crate::scope::{EmbeddedStore, ScopeTable, Store, TableSettings};
 use crate::upstream::Upstream;
@@ -79,57 +83,77 @@ impl Listeners {
     }
 }
 
-/// Runs the gateway on already-bound listeners until `shutdown` completes, then stops
-/// accepting, turns `/readyz` to 503, and lets in-flight requests finish for up to
-/// `proxy.shutdown_grace`.
+/// How a running gateway re-reads its config on SIGHUP: `requests` delivers one item per
+/// reload request, `load` reads and validates the config (it runs off the async workers).
+pub struct Reloader {
+    pub requests: mpsc::Receiver<()>,
+    pub load: Arc<dyn Fn() -> Result<Config, ConfigErrors> + Send + Sync>,
+}
+
+/// How long the admin listener keeps serving in-flight admin requests once the proxy has
+/// drained (health, metrics and mints are short).
+const ADMIN_DRAIN: Duration = Duration::from_secs(2);
+
+/// Runs the gateway on already-bound listeners until `shutdown` completes, then drains:
+/// `/readyz` turns 503 at once, the proxy listener stops accepting, in-flight requests
+/// and streams get up to `proxy.shutdown_grace` to finish, and the admin listener keeps
+/// answering probes and scrapes until the proxy has drained.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    run_with_reload(config, listeners, shutdown, None).await
+}
+
+/// [`run`], reloading the config whenever `reloader` asks (SIGHUP in the binary).
+pub async fn run_with_reload(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+    reloader: Option<Reloader>,
+) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("metrics registry")?;
     let upstream = Upstream::new(&config.upstream, metrics.clone()).context("upstream client")?;
     let scopes = open_scopes(&config, &upstream, &metrics).await?;
     let sweeper = tokio::spawn(sweep_periodically(scopes.clone()));
-    let tls = config
-        .proxy
-        .tls
-        .as_ref()
-        .map(server::tls_acceptor)
-        .transpose()?;
+    let acceptors = TlsAcceptors::load(&config)?;
+    let proxy_tls: Option<TlsSlot> = acceptors.proxy.map(|a| Arc::new(ArcSwap::from_pointee(a)));
+    let admin_tls: Option<TlsSlot> = acceptors.admin.map(|a| Arc::new(ArcSwap::from_pointee(a)));
+    let settings: LiveSettings = Arc::new(ArcSwap::from_pointee(Settings::from_config(&config)));
     let accepting = Arc::new(AtomicBool::new(true));
 
     let proxy_state = Arc::new(ProxyState {
-        options: ClassifyOptions {
-            allow_account_keys: config.proxy.allow_account_keys,
-            policy: config.proxy.policy.clone(),
-        },
+        settings: settings.clone(),
         scopes: scopes.clone(),
         upstream: upstream.clone(),
         metrics: metrics.clone(),
     });
-    let admin_state = Arc::new(AdminState::new(
-        config.admin.token.as_ref(),
+    let admin_state = Arc::new(AdminState {
+        settings: settings.clone(),
         scopes,
         upstream,
-        metrics,
-        accepting.clone(),
-    ));
+        metrics: metrics.clone(),
+        accepting: accepting.clone(),
+    });
 
-    let graceful = Arc::new(GracefulShutdown::new());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let proxy_graceful = Arc::new(GracefulShutdown::new());
+    let admin_graceful = Arc::new(GracefulShutdown::new());
+    let (proxy_stop, proxy_stop_rx) = watch::channel(false);
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
     tracing::info!(
         proxy = %listeners.proxy_addr()?,
         admin = %listeners.admin_addr()?,
         upstream = %format_args!("{}://{}", config.upstream.url.scheme, config.upstream.url.authority),
-        tls = tls.is_some(),
+        proxy_tls = proxy_tls.is_some(),
+        admin_tls = admin_tls.is_some(),
         "scopegate listening"
     );
     let proxy_loop = tokio::spawn(server::serve(
         listeners.proxy,
-        tls,
-        graceful.clone(),
-        stop_rx.clone(),
+        proxy_tls.clone(),
+        proxy_graceful.clone(),
+        proxy_stop_rx,
         move |req, conn| {
             let state = proxy_state.clone();
             async move { proxy::handle(&state, req, conn).await }
@@ -137,38 +161,113 @@ pub async fn run(
     ));
     let admin_loop = tokio::spawn(server::serve(
         listeners.admin,
-        None,
-        graceful.clone(),
-        stop_rx,
+        admin_tls.clone(),
+        admin_graceful.clone(),
+        admin_stop_rx,
         move |req, conn| {
             let state = admin_state.clone();
             async move { admin::handle(&state, req, conn).await }
         },
     ));
 
+    let reloads = reloader.map(|reloader| {
+        tokio::spawn(reload_on_request(
+            reloader,
+            config.clone(),
+            settings.clone(),
+            proxy_tls,
+            admin_tls,
+            metrics.clone(),
+        ))
+    });
+
     shutdown.await;
-    tracing::info!("shutting down: no new connections; draining in-flight requests");
+    tracing::info!(
+        "shutting down: /readyz is 503, the proxy stops accepting, in-flight requests drain"
+    );
     accepting.store(false, Ordering::Release);
-    let _ = stop_tx.send(true);
+    let _ = proxy_stop.send(true);
     let _ = proxy_loop.await;
-    let _ = admin_loop.await;
-    let grace = config.proxy.shutdown_grace;
-    // The accept loops are gone, so this is the last reference.
-    let drained = async move {
-        match Arc::try_unwrap(graceful) {
-            Ok(graceful) => graceful.shutdown().await,
-            Err(_) => tracing::warn!("connection watcher still shared; not draining"),
-        }
-    };
-    match tokio::time::timeout(grace, drained).await {
-        Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!(
+    let grace = settings.load().shutdown_grace;
+    let drained = drain(proxy_graceful, grace).await;
+    if drained {
+        tracing::info!("all proxy connections drained");
+    } else {
+        tracing::warn!(
+            open_requests = metrics.inflight_count(metrics::Listener::Proxy),
             grace_ms = grace.as_millis() as u64,
-            "grace period over; closing the remaining connections"
-        ),
+            "grace period over; cutting the requests and streams still open"
+        );
+    }
+    let _ = admin_stop.send(true);
+    let _ = admin_loop.await;
+    drain(admin_graceful, ADMIN_DRAIN).await;
+    if let Some(reloads) = reloads {
+        reloads.abort();
     }
     sweeper.abort();
     Ok(())
+}
+
+/// Waits (up to `grace`) for every connection watched by `graceful` to finish; true
+/// when they all did.
+async fn drain(graceful: Arc<GracefulShutdown>, grace: Duration) -> bool {
+    // The accept loop has returned, so this is the last reference.
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        tracing::warn!("connection watcher still shared; not draining");
+        return false;
+    };
+    tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_ok()
+}
+
+/// Serves reload requests one at a time: read and validate off the async workers, build
+/// the new TLS acceptors, then swap; on any error keep everything as it is.
+async fn reload_on_request(
+    mut reloader: Reloader,
+    mut running: Config,
+    settings: LiveSettings,
+    proxy_tls: Option<TlsSlot>,
+    admin_tls: Option<TlsSlot>,
+    metrics: Metrics,
+) {
+    while reloader.requests.recv().await.is_some() {
+        let load = reloader.load.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let config = load().map_err(|errors| errors.0)?;
+            let acceptors = TlsAcceptors::load(&config).map_err(|e| vec![format!("{e:#}")])?;
+            Ok::<_, Vec<String>>((config, acceptors))
+        })
+        .await
+        .unwrap_or_else(|e| Err(vec![format!("reload task failed: {e}")]));
+        match loaded {
+            Ok((config, acceptors)) => {
+                for key in runtime::restart_only_changes(&running, &config) {
+                    tracing::warn!(key, "changed in the config, but only a restart applies it; the running value stays");
+                }
+                settings.store(Arc::new(Settings::from_config(&config)));
+                if let (Some(slot), Some(acceptor)) = (&proxy_tls, acceptors.proxy) {
+                    slot.store(Arc::new(acceptor));
+                }
+                if let (Some(slot), Some(acceptor)) = (&admin_tls, acceptors.admin) {
+                    slot.store(Arc::new(acceptor));
+                }
+                metrics.config_reloaded(true);
+                tracing::info!("config reloaded");
+                running = config;
+            }
+            Err(problems) => {
+                metrics.config_reloaded(false);
+                for problem in &problems {
+                    tracing::error!(
+                        problem = problem.as_str(),
+                        "config reload refused; the running config stays"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// How often expired entries and old tombstones are swept from the store.

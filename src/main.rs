@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use scopegate::config::{self, ConfigSource};
-use scopegate::Listeners;
+use scopegate::{Listeners, Reloader};
+use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -81,9 +82,18 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let reload_path = match &source {
+                ConfigSource::File(path) => Some(path.clone()),
+                ConfigSource::Defaults => None,
+            };
             let result = runtime.block_on(async move {
                 let listeners = Listeners::bind(&config).await?;
-                scopegate::run(config, listeners, shutdown_signal()).await
+                let reloader = Reloader {
+                    requests: reload_signals(),
+                    load: Arc::new(move || config::load(reload_path.as_deref()).map(|(c, _, _)| c)),
+                };
+                scopegate::run_with_reload(config, listeners, shutdown_signal(), Some(reloader))
+                    .await
             });
             match result {
                 Ok(()) => {
@@ -123,6 +133,27 @@ fn init_logging() {
     } else {
         builder.init();
     }
+}
+
+/// One item per SIGHUP (reload the config and TLS files).
+fn reload_signals() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; config reload is unavailable");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!(signal = "SIGHUP", "reloading the config");
+            // A reload already queued covers this one too.
+            let _ = tx.try_send(());
+        }
+    });
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -127,6 +127,7 @@ struct Inner {
     tokens_revoked: [IntCounter; 3],
     inflight: [IntGauge; 2],
     body_bytes: [IntCounter; 2],
+    config_reloads: [IntCounter; 2],
 }
 
 impl Metrics {
@@ -244,6 +245,16 @@ impl Metrics {
         registry.register(Box::new(bytes_vec.clone()))?;
         let body_bytes = ["request", "response"].map(|d| bytes_vec.with_label_values(&[d]));
 
+        let reloads_vec = IntCounterVec::new(
+            Opts::new(
+                "scopegate_config_reloads_total",
+                "Config reloads (SIGHUP) by result.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(reloads_vec.clone()))?;
+        let config_reloads = ["success", "failure"].map(|r| reloads_vec.with_label_values(&[r]));
+
         let build_info = IntGaugeVec::new(
             Opts::new("scopegate_build_info", "Build information; always 1."),
             &["version"],
@@ -266,6 +277,7 @@ impl Metrics {
                 tokens_revoked,
                 inflight,
                 body_bytes,
+                config_reloads,
             }),
         })
     }
@@ -315,6 +327,15 @@ impl Metrics {
         self.inner.body_bytes[direction as usize].inc_by(n);
     }
 
+    /// Requests in flight right now on a listener.
+    pub fn inflight_count(&self, listener: Listener) -> i64 {
+        self.inner.inflight[listener.index()].get()
+    }
+
+    pub fn config_reloaded(&self, success: bool) {
+        self.inner.config_reloads[usize::from(!success)].inc();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
@@ -339,8 +360,10 @@ impl Drop for InflightGuard {
     }
 }
 
-const DURATION_BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0,
+/// 100 µs (a local refusal) to 60 s (long uploads and agent runs; longer lands in +Inf).
+const DURATION_BUCKETS: [f64; 18] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
 ];
 
 #[cfg(test)]

@@ -17,7 +17,8 @@ use crate::headers::{prepare_request_headers, request_id, strip_hop_by_hop, X_RE
 use crate::metrics::{Decision, Direction, Listener, Metrics};
 use crate::observe::RequestRecord;
 use crate::refusal::Refusal;
-use crate::request::{classify, presented_repo_token, ClassifyOptions, Credential, RouteClass};
+use crate::request::{classify, presented_repo_token, Credential, RouteClass};
+use crate::runtime::LiveSettings;
 use crate::scope::{Permit, ScopeTable};
 use crate::upstream::Upstream;
 
@@ -25,7 +26,8 @@ static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 /// What the proxy handler shares across requests.
 pub struct ProxyState {
-    pub options: ClassifyOptions,
+    /// Reloadable settings (account-key policy, operation policy).
+    pub settings: LiveSettings,
     pub scopes: Arc<ScopeTable>,
     pub upstream: Upstream,
     pub metrics: Metrics,
@@ -55,7 +57,7 @@ pub async fn handle(
         req.uri(),
         req.version(),
         req.headers(),
-        &state.options,
+        &state.settings.load().options,
     );
     record.set_route(classification.route.as_str());
     let git_route = classification.route == RouteClass::Git;

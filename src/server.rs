@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -30,26 +31,29 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Back-off after an accept error (e.g. EMFILE) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Builds a TLS acceptor (ALPN h2, http/1.1) from PEM files.
-pub fn tls_acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+/// Builds a TLS acceptor (ALPN h2, http/1.1) from PEM files. `section` (`proxy` or
+/// `admin`) names the keys in error messages.
+pub fn tls_acceptor(section: &str, files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .with_context(|| format!("proxy.tls_cert {}", files.cert.display()))?
+        .with_context(|| format!("{section}.tls_cert {}", files.cert.display()))?
         .collect::<Result<_, _>>()
-        .with_context(|| format!("proxy.tls_cert {}", files.cert.display()))?;
+        .with_context(|| format!("{section}.tls_cert {}", files.cert.display()))?;
     anyhow::ensure!(
         !certs.is_empty(),
-        "proxy.tls_cert {}: no certificate",
+        "{section}.tls_cert {}: no certificate",
         files.cert.display()
     );
     let key = PrivateKeyDer::from_pem_file(&files.key)
-        .with_context(|| format!("proxy.tls_key {}", files.key.display()))?;
+        .with_context(|| format!("{section}.tls_key {}", files.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("rustls protocol versions")?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .context("proxy.tls_cert/proxy.tls_key do not form a usable certificate and key")?;
+        .with_context(|| {
+            format!("{section}.tls_cert/{section}.tls_key do not form a usable certificate and key")
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -58,7 +62,7 @@ pub fn tls_acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
 /// under `graceful` (the caller drains them).
 pub async fn serve<H, F>(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ArcSwap<TlsAcceptor>>>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
     handler: H,
@@ -95,7 +99,9 @@ pub async fn serve<H, F>(
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let tls = tls.clone();
+        // The acceptor in force when the connection arrives (SIGHUP swaps certificates for
+        // new connections; established ones keep theirs).
+        let tls = tls.as_ref().map(|slot| slot.load_full());
         tokio::spawn(async move {
             let result = match tls {
                 None => {
@@ -105,20 +111,22 @@ pub async fn serve<H, F>(
                     watcher.watch(conn).await
                 }
                 Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(error)) => {
-                                tracing::debug!(%error, %peer, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
+                    let stream = match tokio::time::timeout(
+                        TLS_HANDSHAKE_TIMEOUT,
+                        acceptor.as_ref().accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
                     let conn = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .into_owned();
