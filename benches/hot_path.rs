@@ -135,5 +135,29 @@ fn bench_store_hit(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_classify, bench_authorize, bench_store_hit);
+/// Everything metrics cost one forwarded request: the in-flight gauge up and down, two
+/// body-byte adds, the upstream and request records.
+fn bench_metrics(c: &mut Criterion) {
+    use scopegate::metrics::{Decision, Direction, Listener, UpstreamClass};
+    let metrics = Metrics::new().expect("metrics");
+    let elapsed = std::time::Duration::from_micros(180);
+    c.bench_function("metrics/one_forwarded_request", |b| {
+        b.iter(|| {
+            let inflight = metrics.inflight(Listener::Proxy);
+            metrics.body_bytes(Direction::Request, black_box(60));
+            metrics.upstream_answered(UpstreamClass::Status(200), Some(elapsed));
+            metrics.body_bytes(Direction::Response, black_box(200));
+            metrics.request_done(Listener::Proxy, Decision::Allowed, elapsed);
+            drop(inflight);
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    bench_classify,
+    bench_authorize,
+    bench_store_hit,
+    bench_metrics
+);
 criterion_main!(benches);
