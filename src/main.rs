@@ -87,13 +87,15 @@ fn main() -> ExitCode {
                 ConfigSource::Defaults => None,
             };
             let result = runtime.block_on(async move {
+                // Signal handlers first: from here on SIGTERM drains and SIGHUP reloads.
+                let shutdown = shutdown_signal();
+                let reloads = reload_signals();
                 let listeners = Listeners::bind(&config).await?;
                 let reloader = Reloader {
-                    requests: reload_signals(),
+                    requests: reloads,
                     load: Arc::new(move || config::load(reload_path.as_deref()).map(|(c, _, _)| c)),
                 };
-                scopegate::run_with_reload(config, listeners, shutdown_signal(), Some(reloader))
-                    .await
+                scopegate::run_with_reload(config, listeners, shutdown, Some(reloader)).await
             });
             match result {
                 Ok(()) => {
@@ -135,49 +137,59 @@ fn init_logging() {
     }
 }
 
-/// One item per SIGHUP (reload the config and TLS files).
+/// One item per SIGHUP (reload the config and TLS files). The handler is installed
+/// before this returns, so a SIGHUP right after start-up is never the default (fatal) one.
 fn reload_signals() -> tokio::sync::mpsc::Receiver<()> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     #[cfg(unix)]
-    tokio::spawn(async move {
+    {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; config reload is unavailable");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!(signal = "SIGHUP", "reloading the config");
-            // A reload already queued covers this one too.
-            let _ = tx.try_send(());
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!(signal = "SIGHUP", "reloading the config");
+                        // A reload already queued covers this one too.
+                        let _ = tx.try_send(());
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP; config reload is unavailable")
+            }
         }
-    });
+    }
     #[cfg(not(unix))]
     drop(tx);
     rx
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called (not
+/// when first polled), so a signal that arrives during start-up still drains cleanly.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (
+        let handlers = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
-                    _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+        );
+        async move {
+            match handlers {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+                        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+                    }
                 }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
-    {
+    async {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

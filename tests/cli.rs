@@ -161,17 +161,8 @@ async fn tokens_never_reach_logs_metrics_or_listings() {
     let account = bearer(ACCOUNT_KEY);
 
     // Minted through the admin passthrough…
-    let mint = call(
-        gp.admin,
-        "POST",
-        "/v1/repo_token",
-        &[
-            ("Authorization", &account),
-            ("Content-Type", "application/json"),
-        ],
-        format!(r#"{{"name":"sb","repo_ids":["{REPO_A}"],"ttl_seconds":600}}"#).as_bytes(),
-    )
-    .await;
+    let mint_body = format!(r#"{{"name":"sb","repo_ids":["{REPO_A}"],"ttl_seconds":600}}"#);
+    let mint = post_json(gp.admin, "/v1/repo_token", &account, mint_body.as_bytes()).await;
     assert_eq!(mint.status, 200);
     let minted = mint.json()["token"].as_str().expect("token").to_owned();
     // …and registered through the admin API.
@@ -190,70 +181,45 @@ async fn tokens_never_reach_logs_metrics_or_listings() {
 
     for token in [&minted, &registered] {
         let auth = bearer(token);
-        let ok = call(
-            gp.proxy,
-            "GET",
-            &format!("/v1/repo/{REPO_A}"),
-            &[("Authorization", &auth)],
-            b"",
-        )
-        .await;
+        let ok = call_with_auth(gp.proxy, "GET", &format!("/v1/repo/{REPO_A}"), &auth).await;
         assert_eq!(ok.status, 200);
-        let refused = call(
-            gp.proxy,
-            "GET",
-            &format!("/v1/repo/{REPO_B}"),
-            &[("Authorization", &auth)],
-            b"",
-        )
-        .await;
+        let refused = call_with_auth(gp.proxy, "GET", &format!("/v1/repo/{REPO_B}"), &auth).await;
         assert_eq!(refused.status, 403);
         assert!(!String::from_utf8_lossy(&refused.body).contains(token.as_str()));
         let git = basic(token);
-        let ok = call(
+        let ok = call_with_auth(
             gp.proxy,
             "GET",
             &format!("/v1/repo/{REPO_A}.git/info/refs?service=git-upload-pack"),
-            &[("Authorization", &git)],
-            b"",
+            &git,
         )
         .await;
         assert_eq!(ok.status, 200);
     }
     // Paths that carry a token: the passthrough's token routes.
-    let read = call(
+    let read = call_with_auth(
         gp.admin,
         "GET",
         &format!("/v1/repo_token/{minted}"),
-        &[("Authorization", &account)],
-        b"",
+        &account,
     )
     .await;
     assert_eq!(read.status, 200);
-    let one = call(
+    let one = call_with_auth(
         gp.admin,
         "GET",
         &format!("/admin/tokens/{registered}"),
-        &[("Authorization", &admin_auth)],
-        b"",
+        &admin_auth,
     )
     .await;
     assert_eq!(one.status, 200);
-    let listing = call(
-        gp.admin,
-        "GET",
-        "/admin/tokens",
-        &[("Authorization", &admin_auth)],
-        b"",
-    )
-    .await;
+    let listing = call_with_auth(gp.admin, "GET", "/admin/tokens", &admin_auth).await;
     let metrics = call(gp.admin, "GET", "/metrics", &[], b"").await;
-    let deleted = call(
+    let deleted = call_with_auth(
         gp.admin,
         "DELETE",
         &format!("/v1/repo_token/{minted}"),
-        &[("Authorization", &account)],
-        b"",
+        &account,
     )
     .await;
     assert_eq!(deleted.status, 204);

@@ -20,15 +20,6 @@ fn expand(template: &str) -> String {
     template.replace("{A}", REPO_A).replace("{B}", REPO_B)
 }
 
-fn body_text(resp: &RawResponse) -> String {
-    String::from_utf8_lossy(&resp.body).into_owned()
-}
-
-/// The 12-hex public id of a token (SPEC §7).
-fn token_id(token: &str) -> String {
-    sha_hex(token.as_bytes())[..12].to_owned()
-}
-
 /// Every secret an `Authorization` value carries, in every form that could be echoed:
 /// the raw credential, and for Basic also the Base64 text and the decoded password.
 fn secrets_in(authorization: &str) -> Vec<String> {
@@ -50,54 +41,6 @@ fn secrets_in(authorization: &str) -> Vec<String> {
     // Very short fragments ("x") would match innocent text.
     out.retain(|s| s.len() >= 8);
     out
-}
-
-/// A refusal exactly as SPEC §4 describes it.
-#[track_caller]
-fn assert_refused(resp: &RawResponse, status: u16, code: &str) {
-    let text = body_text(resp);
-    assert_eq!(
-        resp.status, status,
-        "status (expected {code}); body: {text}"
-    );
-    assert_eq!(
-        resp.header("content-type"),
-        Some("application/json"),
-        "{code}: Content-Type"
-    );
-    assert_eq!(
-        resp.header("cache-control"),
-        Some("no-store"),
-        "{code}: Cache-Control"
-    );
-    let rid = resp
-        .header("x-request-id")
-        .unwrap_or_else(|| panic!("{code}: no x-request-id header"));
-    assert!(!rid.is_empty(), "{code}: empty x-request-id");
-    let body: Value = serde_json::from_slice(&resp.body)
-        .unwrap_or_else(|e| panic!("{code}: body is not JSON ({e}): {text}"));
-    assert_eq!(body["code"], code, "code; body: {text}");
-    let error = body["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{code}: no error: {text}"));
-    assert!(!error.trim().is_empty(), "{code}: empty error message");
-    assert_eq!(
-        body["request_id"], rid,
-        "{code}: request_id vs x-request-id"
-    );
-    if (400..500).contains(&status) && status != 429 {
-        assert_eq!(
-            resp.header("x-should-retry"),
-            Some("false"),
-            "{code}: x-should-retry on a 4xx refusal"
-        );
-    } else {
-        assert_eq!(
-            resp.header("x-should-retry"),
-            None,
-            "{code}: x-should-retry must stay absent on {status}"
-        );
-    }
 }
 
 /// Neither the body nor any header of `resp` carries `secret`.
@@ -123,7 +66,7 @@ async fn expect_refusal(
     code: &str,
 ) -> RawResponse {
     let before = fake.request_count();
-    let resp = gw.proxy_call(method, target, headers, b"").await;
+    let resp = call(gw.proxy, method, target, headers, b"").await;
     assert_refused(&resp, status, code);
     for (name, value) in headers {
         if name.eq_ignore_ascii_case("authorization") {
@@ -140,6 +83,36 @@ async fn expect_refusal(
     resp
 }
 
+/// [`expect_refusal`] with one `Authorization` header.
+async fn expect_refusal_as(
+    gw: &Gateway,
+    fake: &FakeRelace,
+    method: &str,
+    target: &str,
+    authorization: &str,
+    status: u16,
+    code: &str,
+) -> RawResponse {
+    let headers = [("Authorization", authorization)];
+    expect_refusal(gw, fake, method, target, &headers, status, code).await
+}
+
+/// `secret` is refused with `status`/`code` both as a Bearer credential on a file route
+/// of `repo` and in git's Basic form on its git route.
+async fn expect_refusal_in_both_forms(
+    gw: &Gateway,
+    fake: &FakeRelace,
+    secret: &str,
+    repo: &str,
+    status: u16,
+    code: &str,
+) {
+    let auth = bearer(secret);
+    expect_refusal_as(gw, fake, "GET", &file_url(repo), &auth, status, code).await;
+    let auth = basic(secret);
+    expect_refusal_as(gw, fake, "GET", &git_refs(repo), &auth, status, code).await;
+}
+
 /// Sends `method target` and checks that it reached the upstream once, byte for byte,
 /// with the credential unchanged; returns the recorded upstream request.
 async fn expect_forwarded(
@@ -150,9 +123,7 @@ async fn expect_forwarded(
     authorization: &str,
 ) -> Recorded {
     let before = fake.request_count();
-    let resp = gw
-        .proxy_call(method, target, &[("Authorization", authorization)], b"")
-        .await;
+    let resp = call_with_auth(gw.proxy, method, target, authorization).await;
     assert_eq!(
         resp.status,
         200,
@@ -186,46 +157,24 @@ async fn setup() -> (FakeRelace, Gateway) {
     (fake, gw)
 }
 
-fn file_url(repo: &str) -> String {
-    format!("/v1/repo/{repo}/file/src/main.rs")
-}
-
 fn git_refs(repo: &str) -> String {
     format!("/v1/repo/{repo}.git/info/refs?service=git-upload-pack")
 }
 
 /// `DELETE /admin/tokens/<key>` with the admin token.
 async fn admin_delete(gw: &Gateway, key: &str) -> RawResponse {
-    let auth = bearer(ADMIN_TOKEN);
-    gw.admin_call(
-        "DELETE",
-        &format!("/admin/tokens/{key}"),
-        &[("Authorization", &auth)],
-        b"",
-    )
-    .await
+    let target = format!("/admin/tokens/{key}");
+    call_with_auth(gw.admin, "DELETE", &target, &bearer(ADMIN_TOKEN)).await
 }
 
 /// `GET <target>` on the admin listener with the admin token.
 async fn admin_get(gw: &Gateway, target: &str) -> RawResponse {
-    let auth = bearer(ADMIN_TOKEN);
-    gw.admin_call("GET", target, &[("Authorization", &auth)], b"")
-        .await
+    call_with_auth(gw.admin, "GET", target, &bearer(ADMIN_TOKEN)).await
 }
 
 /// `POST /admin/tokens` with an arbitrary body and the admin token.
 async fn admin_post_raw(gw: &Gateway, body: &[u8]) -> RawResponse {
-    let auth = bearer(ADMIN_TOKEN);
-    gw.admin_call(
-        "POST",
-        "/admin/tokens",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
-        body,
-    )
-    .await
+    post_json(gw.admin, "/admin/tokens", &bearer(ADMIN_TOKEN), body).await
 }
 
 /// `POST /v1/repo_token` through the admin passthrough with `account_key`; the raw answer.
@@ -237,13 +186,10 @@ async fn mint_raw(
 ) -> RawResponse {
     let body = json!({ "name": "sandbox-7", "repo_ids": repo_ids, "ttl_seconds": ttl_seconds });
     let auth = bearer(account_key);
-    gw.admin_call(
-        "POST",
+    post_json(
+        gw.admin,
         "/v1/repo_token",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
+        &auth,
         body.to_string().as_bytes(),
     )
     .await
@@ -252,16 +198,6 @@ async fn mint_raw(
 fn parse_time(v: &Value) -> OffsetDateTime {
     let s = v.as_str().unwrap_or_else(|| panic!("not a timestamp: {v}"));
     OffsetDateTime::parse(s, &Rfc3339).unwrap_or_else(|e| panic!("{s:?}: {e}"))
-}
-
-/// The listing's entries.
-async fn listed(gw: &Gateway) -> Vec<Value> {
-    let r = admin_get(gw, "/admin/tokens").await;
-    assert_eq!(r.status, 200, "{}", body_text(&r));
-    r.json()["tokens"]
-        .as_array()
-        .expect("tokens array")
-        .to_owned()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -275,40 +211,13 @@ async fn bad_path_is_refused_before_credentials_are_looked_at() {
     // No credentials at all: still bad_path, not missing_credentials.
     expect_refusal(&gw, &fake, "GET", &target, &[], 400, "bad_path").await;
     // A malformed credential: still bad_path.
-    expect_refusal(
-        &gw,
-        &fake,
-        "GET",
-        &target,
-        &[("Authorization", "Digest x")],
-        400,
-        "bad_path",
-    )
-    .await;
+    expect_refusal_as(&gw, &fake, "GET", &target, "Digest x", 400, "bad_path").await;
     // An account key: still bad_path.
     let account = bearer(ACCOUNT_KEY);
-    expect_refusal(
-        &gw,
-        &fake,
-        "GET",
-        &target,
-        &[("Authorization", &account)],
-        400,
-        "bad_path",
-    )
-    .await;
+    expect_refusal_as(&gw, &fake, "GET", &target, &account, 400, "bad_path").await;
     // A valid token for the repo: still bad_path.
     let auth = bearer(&token);
-    expect_refusal(
-        &gw,
-        &fake,
-        "GET",
-        &target,
-        &[("Authorization", &auth)],
-        400,
-        "bad_path",
-    )
-    .await;
+    expect_refusal_as(&gw, &fake, "GET", &target, &auth, 400, "bad_path").await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -369,14 +278,14 @@ async fn missing_credentials_on_api_route_challenges_bearer() {
 async fn refusal_keeps_the_clients_request_id() {
     let (fake, gw) = setup().await;
     let before = fake.request_count();
-    let r = gw
-        .proxy_call(
-            "GET",
-            &file_url(REPO_A),
-            &[("x-request-id", "trace-42.abc")],
-            b"",
-        )
-        .await;
+    let r = call(
+        gw.proxy,
+        "GET",
+        &file_url(REPO_A),
+        &[("x-request-id", "trace-42.abc")],
+        b"",
+    )
+    .await;
     assert_refused(&r, 401, "missing_credentials");
     assert_eq!(r.header("x-request-id"), Some("trace-42.abc"));
     assert_eq!(r.json()["request_id"], "trace-42.abc");
@@ -426,12 +335,12 @@ async fn unknown_auth_scheme_is_malformed() {
         // Present but empty is not "no Authorization": it is row 3, not row 2.
         "",
     ] {
-        expect_refusal(
+        expect_refusal_as(
             &gw,
             &fake,
             "GET",
             &file_url(REPO_A),
-            &[("Authorization", value)],
+            value,
             401,
             "malformed_credentials",
         )
@@ -451,12 +360,12 @@ async fn bad_base64_in_basic_is_malformed() {
         "Basic dG9rZW46=x",
         no_colon.as_str(),
     ] {
-        expect_refusal(
+        expect_refusal_as(
             &gw,
             &fake,
             "GET",
             &git_refs(REPO_A),
-            &[("Authorization", value)],
+            value,
             401,
             "malformed_credentials",
         )
@@ -471,12 +380,12 @@ async fn short_repo_token_is_malformed() {
     let fifteen = format!("rlcr-{}", "a".repeat(15));
     for token in ["rlcr-short", fifteen.as_str(), "rlcr-"] {
         let auth = bearer(token);
-        expect_refusal(
+        expect_refusal_as(
             &gw,
             &fake,
             "GET",
             &file_url(REPO_A),
-            &[("Authorization", &auth)],
+            &auth,
             401,
             "malformed_credentials",
         )
@@ -493,29 +402,7 @@ async fn repo_token_with_non_alphanumeric_char_is_malformed() {
         "rlcr-0123456789abcdef.0123",
         "rlcr-0123456789abcdef+0123",
     ] {
-        let auth = bearer(token);
-        expect_refusal(
-            &gw,
-            &fake,
-            "GET",
-            &file_url(REPO_A),
-            &[("Authorization", &auth)],
-            401,
-            "malformed_credentials",
-        )
-        .await;
-        // The same token in git's Basic form.
-        let auth = basic(token);
-        expect_refusal(
-            &gw,
-            &fake,
-            "GET",
-            &git_refs(REPO_A),
-            &[("Authorization", &auth)],
-            401,
-            "malformed_credentials",
-        )
-        .await;
+        expect_refusal_in_both_forms(&gw, &fake, token, REPO_A, 401, "malformed_credentials").await;
     }
 }
 
@@ -524,12 +411,12 @@ async fn repo_token_of_129_chars_is_malformed_but_128_is_decided() {
     let (fake, gw) = setup().await;
     let too_long = format!("rlcr-{}", "a".repeat(129));
     let auth = bearer(&too_long);
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_A),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "malformed_credentials",
     )
@@ -539,12 +426,12 @@ async fn repo_token_of_129_chars_is_malformed_but_128_is_decided() {
     for len in [16, 128] {
         let token = format!("rlcr-{}", "b".repeat(len));
         let auth = bearer(&token);
-        expect_refusal(
+        expect_refusal_as(
             &gw,
             &fake,
             "GET",
             &file_url(REPO_A),
-            &[("Authorization", &auth)],
+            &auth,
             401,
             "unknown_token",
         )
@@ -559,12 +446,12 @@ async fn repo_token_of_129_chars_is_malformed_but_128_is_decided() {
 async fn malformed_credentials_on_non_repo_route_is_malformed() {
     // Row 3 comes before row 5.
     let (fake, gw) = setup().await;
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         "/v1/repo",
-        &[("Authorization", "Bearer rlcr-short")],
+        "Bearer rlcr-short",
         401,
         "malformed_credentials",
     )
@@ -577,25 +464,12 @@ async fn malformed_credentials_on_non_repo_route_is_malformed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn account_key_is_forbidden_by_default() {
     let (fake, gw) = setup().await;
-    let auth = bearer(ACCOUNT_KEY);
-    expect_refusal(
+    // As Bearer and as the password of git's Basic form.
+    expect_refusal_in_both_forms(
         &gw,
         &fake,
-        "GET",
-        &file_url(REPO_A),
-        &[("Authorization", &auth)],
-        403,
-        "account_key_forbidden",
-    )
-    .await;
-    // git's Basic form with an account key as the password.
-    let auth = basic(ACCOUNT_KEY);
-    expect_refusal(
-        &gw,
-        &fake,
-        "GET",
-        &git_refs(REPO_A),
-        &[("Authorization", &auth)],
+        ACCOUNT_KEY,
+        REPO_A,
         403,
         "account_key_forbidden",
     )
@@ -609,12 +483,12 @@ async fn account_key_on_non_repo_route_is_account_key_forbidden() {
     let (fake, gw) = setup().await;
     let auth = bearer(ACCOUNT_KEY);
     for target in ["/v1/repo_token", "/v1/repo"] {
-        expect_refusal(
+        expect_refusal_as(
             &gw,
             &fake,
             "POST",
             target,
-            &[("Authorization", &auth)],
+            &auth,
             403,
             "account_key_forbidden",
         )
@@ -636,23 +510,23 @@ async fn allowed_account_key_is_forwarded_unchanged_but_policy_still_applies() {
     let git_auth = basic(ACCOUNT_KEY);
     expect_forwarded(&gw, &fake, "GET", &git_refs(REPO_B), &git_auth).await;
     // Row 10 still applies to account keys.
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "POST",
         &format!("/v1/repo/{REPO_A}/git"),
-        &[("Authorization", &auth)],
+        &auth,
         403,
         "operation_not_allowed",
     )
     .await;
     // And row 5: account keys are let through to repo routes only.
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "POST",
         "/v1/repo_token",
-        &[("Authorization", &auth)],
+        &auth,
         403,
         "route_not_allowed",
     )
@@ -689,16 +563,8 @@ async fn non_repo_routes_are_not_allowed_for_repo_tokens() {
         ("GET", "/admin/tokens".to_owned()),
     ];
     for (method, target) in &targets {
-        let r = expect_refusal(
-            &gw,
-            &fake,
-            method,
-            target,
-            &[("Authorization", &auth)],
-            403,
-            "route_not_allowed",
-        )
-        .await;
+        let r =
+            expect_refusal_as(&gw, &fake, method, target, &auth, 403, "route_not_allowed").await;
         assert_not_echoed(&r, &token);
     }
 }
@@ -708,12 +574,12 @@ async fn unknown_token_on_non_repo_route_is_route_not_allowed() {
     // Row 5 comes before row 6: the route is refused without a scope lookup.
     let (fake, gw) = setup().await;
     let auth = bearer(&new_token());
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "POST",
         "/v1/repo_token",
-        &[("Authorization", &auth)],
+        &auth,
         403,
         "route_not_allowed",
     )
@@ -730,28 +596,7 @@ async fn unknown_token_is_refused_locally() {
     // an API key): refused without asking the upstream.
     let upstream_only = fake.mint("elsewhere", &[REPO_A], None);
     for token in [new_token(), upstream_only] {
-        let auth = bearer(&token);
-        expect_refusal(
-            &gw,
-            &fake,
-            "GET",
-            &file_url(REPO_A),
-            &[("Authorization", &auth)],
-            401,
-            "unknown_token",
-        )
-        .await;
-        let auth = basic(&token);
-        expect_refusal(
-            &gw,
-            &fake,
-            "GET",
-            &git_refs(REPO_A),
-            &[("Authorization", &auth)],
-            401,
-            "unknown_token",
-        )
-        .await;
+        expect_refusal_in_both_forms(&gw, &fake, &token, REPO_A, 401, "unknown_token").await;
     }
 }
 
@@ -766,24 +611,24 @@ async fn token_revoked_by_token_is_refused_locally() {
     expect_forwarded(&gw, &fake, "GET", &file_url(REPO_A), &auth).await;
     let r = admin_delete(&gw, &token).await;
     assert_eq!(r.status, 204, "{}", body_text(&r));
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_A),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "token_revoked",
     )
     .await;
     // Revoked is revoked: registering it again must not bring it back.
     let _ = gw.register(&token, &[REPO_A], None).await;
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_A),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "token_revoked",
     )
@@ -798,12 +643,12 @@ async fn token_revoked_by_id_is_refused_locally() {
     expect_forwarded(&gw, &fake, "GET", &git_refs(REPO_A), &auth).await;
     let r = admin_delete(&gw, &token_id(&token)).await;
     assert_eq!(r.status, 204, "{}", body_text(&r));
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &git_refs(REPO_A),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "token_revoked",
     )
@@ -822,12 +667,12 @@ async fn revoked_and_expired_token_is_token_revoked() {
     let r = admin_delete(&gw, &token).await;
     assert_eq!(r.status, 204, "{}", body_text(&r));
     let auth = bearer(&token);
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_A),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "token_revoked",
     )
@@ -847,28 +692,7 @@ async fn token_registered_already_expired_is_accepted_then_refused_as_expired() 
         .await;
     assert_eq!(r.status, 201, "{}", body_text(&r));
     assert_eq!(parse_time(&r.json()["expires_at"]).year(), 2001);
-    let auth = bearer(&token);
-    expect_refusal(
-        &gw,
-        &fake,
-        "GET",
-        &file_url(REPO_A),
-        &[("Authorization", &auth)],
-        401,
-        "token_expired",
-    )
-    .await;
-    let auth = basic(&token);
-    expect_refusal(
-        &gw,
-        &fake,
-        "GET",
-        &git_refs(REPO_A),
-        &[("Authorization", &auth)],
-        401,
-        "token_expired",
-    )
-    .await;
+    expect_refusal_in_both_forms(&gw, &fake, &token, REPO_A, 401, "token_expired").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -882,22 +706,22 @@ async fn expired_token_on_another_repo_is_token_expired() {
     let r = gw.register(&token, &[REPO_A], Some(&past)).await;
     assert_eq!(r.status, 201, "{}", body_text(&r));
     let auth = bearer(&token);
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_B),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "token_expired",
     )
     .await;
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "POST",
         &format!("/v1/repo/{REPO_A}/git"),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "token_expired",
     )
@@ -924,12 +748,12 @@ async fn expired_token_is_refused_locally_after_its_minted_ttl() {
         tokio::time::sleep(remaining.unsigned_abs()).await;
     }
     let auth = bearer(&token);
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_A),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "token_expired",
     )
@@ -956,24 +780,15 @@ async fn token_for_another_repo_is_repo_out_of_scope() {
         } else {
             "GET"
         };
-        expect_refusal(
-            &gw,
-            &fake,
-            method,
-            &target,
-            &[("Authorization", &auth)],
-            403,
-            "repo_out_of_scope",
-        )
-        .await;
+        expect_refusal_as(&gw, &fake, method, &target, &auth, 403, "repo_out_of_scope").await;
     }
     let auth = basic(&token);
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &git_refs(REPO_B),
-        &[("Authorization", &auth)],
+        &auth,
         403,
         "repo_out_of_scope",
     )
@@ -990,17 +805,17 @@ async fn post_git_is_operation_not_allowed_but_get_git_is_forwarded() {
     let auth = bearer(&token);
     let git = format!("/v1/repo/{REPO_A}/git");
     let before = fake.request_count();
-    let r = gw
-        .proxy_call(
-            "POST",
-            &git,
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            br#"{"args":["config","--global","core.sshCommand","sh"]}"#,
-        )
-        .await;
+    let r = call(
+        gw.proxy,
+        "POST",
+        &git,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        br#"{"args":["config","--global","core.sshCommand","sh"]}"#,
+    )
+    .await;
     assert_refused(&r, 403, "operation_not_allowed");
     assert_not_echoed(&r, &token);
     assert_eq!(
@@ -1009,12 +824,12 @@ async fn post_git_is_operation_not_allowed_but_get_git_is_forwarded() {
         "POST /git reached the upstream"
     );
     // Upper-case repo id: same repo, same policy.
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "POST",
         &format!("/v1/repo/{}/git", REPO_A.to_uppercase()),
-        &[("Authorization", &auth)],
+        &auth,
         403,
         "operation_not_allowed",
     )
@@ -1062,12 +877,12 @@ async fn git_basic_credential_is_decided_like_bearer_and_forwarded_unchanged() {
     );
     expect_forwarded(&gw, &fake, "GET", &git_refs(REPO_A), &other_user).await;
     // Basic is decided exactly like Bearer: same scope, same refusals.
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &git_refs(REPO_B),
-        &[("Authorization", &auth)],
+        &auth,
         403,
         "repo_out_of_scope",
     )
@@ -1158,9 +973,7 @@ async fn non_canonical_paths_are_bad_path_even_with_a_valid_token() {
     for &(method, template, by) in NON_CANONICAL {
         let target = expand(template);
         let before = fake.request_count();
-        let r = gw
-            .proxy_call(method, &target, &[("Authorization", &auth)], b"")
-            .await;
+        let r = call_with_auth(gw.proxy, method, &target, &auth).await;
         match by {
             RefusedBy::Gateway => {
                 assert_eq!(r.status, 400, "{method} {target:?}: {}", body_text(&r));
@@ -1185,7 +998,7 @@ async fn non_canonical_paths_are_bad_path_even_with_a_valid_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_non_utf8_path_bytes_never_reach_the_upstream() {
-    // `proxy_call` takes a `&str`; these targets need raw bytes. hyper refuses them with
+    // `call` takes a `&str`; these targets need raw bytes. hyper refuses them with
     // a bare 400 before scopegate runs (checked empirically); if that ever changes,
     // scopegate must answer `bad_path` (SPEC §5: decoded bytes must be UTF-8).
     let (fake, gw) = setup().await;
@@ -1263,17 +1076,17 @@ async fn canonical_spellings_are_forwarded_byte_for_byte() {
     expect_forwarded(&gw, &fake, "GET", &git_refs(REPO_A), &git_auth).await;
     let upload = format!("/v1/repo/{REPO_A}.git/git-upload-pack");
     let before = fake.request_count();
-    let r = gw
-        .proxy_call(
-            "POST",
-            &upload,
-            &[
-                ("Authorization", &git_auth),
-                ("Content-Type", "application/x-git-upload-pack-request"),
-            ],
-            b"0000",
-        )
-        .await;
+    let r = call(
+        gw.proxy,
+        "POST",
+        &upload,
+        &[
+            ("Authorization", &git_auth),
+            ("Content-Type", "application/x-git-upload-pack-request"),
+        ],
+        b"0000",
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", body_text(&r));
     let seen = fake.requests().swap_remove(before);
     assert_eq!(seen.target, upload);
@@ -1328,12 +1141,12 @@ async fn repo_id_case_does_not_matter() {
     )
     .await;
     // Case folding does not widen the scope.
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &format!("/v1/repo/{}/file/x", REPO_A.to_uppercase()),
-        &[("Authorization", &auth)],
+        &auth,
         403,
         "repo_out_of_scope",
     )
@@ -1369,7 +1182,7 @@ async fn admin_api_requires_the_admin_token() {
         ] {
             let mut h = headers.clone();
             h.push(("Content-Type", "application/json"));
-            let r = gw.admin_call(method, target, &h, body).await;
+            let r = call(gw.admin, method, target, &h, body).await;
             assert_eq!(r.status, 401, "{method} {target} with {headers:?}");
             assert_eq!(r.header("content-type"), Some("application/json"));
             let code = r.json()["code"].as_str().unwrap_or_default().to_owned();
@@ -1381,12 +1194,12 @@ async fn admin_api_requires_the_admin_token() {
     }
     // Nothing was registered: the token is still unknown on the proxy.
     let auth = bearer(&token);
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_A),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "unknown_token",
     )
@@ -1416,49 +1229,40 @@ async fn admin_api_is_refused_without_a_configured_admin_token() {
             ),
             ("DELETE", format!("/admin/tokens/{token}"), b"".as_slice()),
         ] {
-            let r = gw.admin_call(method, &target, &headers, body).await;
+            let r = call(gw.admin, method, &target, &headers, body).await;
             assert_eq!(r.status, 401, "{method} {target}: {}", body_text(&r));
             assert!(r.json()["code"].as_str().is_some_and(|c| !c.is_empty()));
         }
     }
     let auth = bearer(&token);
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_A),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "unknown_token",
     )
     .await;
     // Health and metrics need no admin token.
-    assert_eq!(gw.admin_call("GET", "/healthz", &[], b"").await.status, 200);
-    assert_eq!(gw.admin_call("GET", "/metrics", &[], b"").await.status, 200);
+    for target in ["/healthz", "/metrics"] {
+        let r = call(gw.admin, "GET", target, &[], b"").await;
+        assert_eq!(r.status, 200, "{target}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_returns_the_entry_without_the_token() {
     let (fake, gw) = setup().await;
     let token = new_token();
-    let auth = bearer(ADMIN_TOKEN);
     let body = json!({
         "token": token,
         "name": "agent-9",
         "repo_ids": [REPO_A, REPO_B.to_uppercase()],
         "expires_at": "2999-01-02T03:04:05Z",
     });
-    let r = gw
-        .admin_call(
-            "POST",
-            "/admin/tokens",
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )
-        .await;
+    let r = admin_post_raw(&gw, body.to_string().as_bytes()).await;
     assert_eq!(r.status, 201, "{}", body_text(&r));
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_not_echoed(&r, &token);
@@ -1556,16 +1360,16 @@ async fn registration_errors_are_precise_and_register_nothing() {
         assert_not_echoed(&r, "rlcr-short!secret");
     }
     assert!(
-        listed(&gw).await.is_empty(),
+        gw.listed().await.is_empty(),
         "a failed registration left an entry"
     );
     let auth = bearer(&token);
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_A),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "unknown_token",
     )
@@ -1648,18 +1452,18 @@ async fn admin_delete_revokes_the_token_on_the_proxy() {
     let r = admin_delete(&gw, &token).await;
     assert_eq!(r.status, 204, "{}", body_text(&r));
     assert!(r.body.is_empty());
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_A),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "token_revoked",
     )
     .await;
     assert!(
-        listed(&gw)
+        gw.listed()
             .await
             .iter()
             .all(|t| t["id"] != token_id(&token)),
@@ -1691,18 +1495,18 @@ async fn minted_token_works_at_once_without_registration() {
     // No registration step: the proxy knows it already.
     let auth = bearer(&token);
     expect_forwarded(&gw, &fake, "GET", &file_url(REPO_A), &auth).await;
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_B),
-        &[("Authorization", &auth)],
+        &auth,
         403,
         "repo_out_of_scope",
     )
     .await;
     // The listing has it by id, with the mint answer's expiry and scope.
-    let tokens = listed(&gw).await;
+    let tokens = gw.listed().await;
     let entry = tokens
         .iter()
         .find(|t| t["id"] == token_id(&token))
@@ -1725,14 +1529,8 @@ async fn deleting_through_the_passthrough_revokes_on_the_proxy() {
     expect_forwarded(&gw, &fake, "GET", &file_url(REPO_A), &auth).await;
     let account = bearer(ACCOUNT_KEY);
     let before = fake.request_count();
-    let r = gw
-        .admin_call(
-            "DELETE",
-            &format!("/v1/repo_token/{token}"),
-            &[("Authorization", &account)],
-            b"",
-        )
-        .await;
+    let target = format!("/v1/repo_token/{token}");
+    let r = call_with_auth(gw.admin, "DELETE", &target, &account).await;
     assert!(r.status == 200 || r.status == 204, "{}", body_text(&r));
     let delete = fake.requests().swap_remove(before);
     assert_eq!(delete.target, format!("/v1/repo_token/{token}"));
@@ -1741,12 +1539,12 @@ async fn deleting_through_the_passthrough_revokes_on_the_proxy() {
         !fake.has_token(&token),
         "the upstream should have deleted it"
     );
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_A),
-        &[("Authorization", &auth)],
+        &auth,
         401,
         "token_revoked",
     )
@@ -1776,19 +1574,15 @@ async fn failed_mint_learns_nothing() {
     );
     // A mint the upstream rejects as invalid (422).
     let auth = bearer(ACCOUNT_KEY);
-    let r = gw
-        .admin_call(
-            "POST",
-            "/v1/repo_token",
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            br#"{"name":"x","repo_ids":["nope"]}"#,
-        )
-        .await;
+    let r = post_json(
+        gw.admin,
+        "/v1/repo_token",
+        &auth,
+        br#"{"name":"x","repo_ids":["nope"]}"#,
+    )
+    .await;
     assert_eq!(r.status, 422, "{}", body_text(&r));
-    assert!(listed(&gw).await.is_empty(), "a failed mint left an entry");
+    assert!(gw.listed().await.is_empty(), "a failed mint left an entry");
     let m = gw.metrics().await;
     assert_eq!(
         metric_value(&m, "scopegate_tokens_learned_total{source=\"mint\"}"),
@@ -1805,12 +1599,12 @@ async fn decisions_are_counted_and_metrics_leak_nothing() {
     let token = gw.token_for(&[REPO_A]).await;
     let auth = bearer(&token);
     for _ in 0..3 {
-        expect_refusal(
+        expect_refusal_as(
             &gw,
             &fake,
             "GET",
             &file_url(REPO_B),
-            &[("Authorization", &auth)],
+            &auth,
             403,
             "repo_out_of_scope",
         )
@@ -1829,22 +1623,22 @@ async fn decisions_are_counted_and_metrics_leak_nothing() {
         .await;
     }
     let stranger = bearer(&new_token());
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &file_url(REPO_A),
-        &[("Authorization", &stranger)],
+        &stranger,
         401,
         "unknown_token",
     )
     .await;
-    expect_refusal(
+    expect_refusal_as(
         &gw,
         &fake,
         "GET",
         &expand("/v1/repo/{A}/%2e%2e/{B}"),
-        &[("Authorization", &auth)],
+        &auth,
         400,
         "bad_path",
     )
@@ -1852,12 +1646,7 @@ async fn decisions_are_counted_and_metrics_leak_nothing() {
     expect_forwarded(&gw, &fake, "GET", &file_url(REPO_A), &auth).await;
 
     let m = gw.metrics().await;
-    let count = |decision: &str| {
-        metric_value(
-            &m,
-            &format!("scopegate_requests_total{{decision=\"{decision}\",listener=\"proxy\"}}"),
-        )
-    };
+    let count = |decision: &str| proxy_decisions(&m, decision);
     assert_eq!(count("repo_out_of_scope"), 3.0, "{m}");
     assert_eq!(count("missing_credentials"), 2.0, "{m}");
     assert_eq!(count("unknown_token"), 1.0, "{m}");

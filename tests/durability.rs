@@ -25,14 +25,7 @@ fn embedded_builder(upstream_url: &str, db: &Path) -> GatewayBuilder {
 }
 
 async fn proxy_get(gp: &GatewayProcess, token: &str, repo: &str) -> RawResponse {
-    call(
-        gp.proxy,
-        "GET",
-        &format!("/v1/repo/{repo}"),
-        &[("Authorization", &bearer(token))],
-        b"",
-    )
-    .await
+    call_with_auth(gp.proxy, "GET", &format!("/v1/repo/{repo}"), &bearer(token)).await
 }
 
 /// Requests the fake upstream received for `GET /v1/repo/<repo>` carrying `token`.
@@ -88,32 +81,9 @@ async fn assert_refused(
     );
 }
 
-async fn admin_list(gp: &GatewayProcess) -> serde_json::Value {
-    let r = call(
-        gp.admin,
-        "GET",
-        "/admin/tokens",
-        &[("Authorization", &bearer(ADMIN_TOKEN))],
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r.json()
-}
-
 async fn register(gp: &GatewayProcess, token: &str, name: &str) -> RawResponse {
     let body = serde_json::json!({ "token": token, "name": name, "repo_ids": [REPO_A] });
-    call(
-        gp.admin,
-        "POST",
-        "/admin/tokens",
-        &[
-            ("Authorization", &bearer(ADMIN_TOKEN)),
-            ("Content-Type", "application/json"),
-        ],
-        body.to_string().as_bytes(),
-    )
-    .await
+    register_at(gp.admin, &body).await
 }
 
 /// Every regular file below `dir`, recursively.
@@ -154,29 +124,8 @@ async fn acknowledged_scopes_survive_kill_9_and_never_touch_disk_in_plaintext() 
     assert_eq!(ready.status, 200, "/readyz on the embedded store");
 
     // 1. Minted through the admin passthrough (the orchestrator's path).
-    let mint_body = serde_json::json!({
-        "name": "durable-mint",
-        "repo_ids": [REPO_A],
-        "ttl_seconds": 3600,
-    });
-    let mint = call(
-        gp.admin,
-        "POST",
-        "/v1/repo_token",
-        &[
-            ("Authorization", &bearer(ACCOUNT_KEY)),
-            ("Content-Type", "application/json"),
-        ],
-        mint_body.to_string().as_bytes(),
-    )
-    .await;
-    assert_eq!(
-        mint.status,
-        200,
-        "mint: {}",
-        String::from_utf8_lossy(&mint.body)
-    );
-    let minted = mint.json()["token"].as_str().expect("token").to_owned();
+    let mint = mint_at(gp.admin, "durable-mint", &[REPO_A], Some(3600)).await;
+    let minted = mint["token"].as_str().expect("token").to_owned();
 
     // 2. Registered through the admin API.
     let registered = new_token();
@@ -187,20 +136,14 @@ async fn acknowledged_scopes_survive_kill_9_and_never_touch_disk_in_plaintext() 
     let revoked = new_token();
     let r = register(&gp, &revoked, "durable-revoked").await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let r = call(
-        gp.admin,
-        "DELETE",
-        &format!("/admin/tokens/{revoked}"),
-        &[("Authorization", &bearer(ADMIN_TOKEN))],
-        b"",
-    )
-    .await;
+    let target = format!("/admin/tokens/{revoked}");
+    let r = call_with_auth(gp.admin, "DELETE", &target, &bearer(ADMIN_TOKEN)).await;
     assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
 
     assert_forwarded(&gp, &fake, &minted, "minted, before the crash").await;
     assert_forwarded(&gp, &fake, &registered, "registered, before the crash").await;
     assert_refused(&gp, &fake, &revoked, REPO_A, 401, "token_revoked").await;
-    let listed_before = admin_list(&gp).await;
+    let listed_before = listing_at(gp.admin).await;
 
     // kill -9: no graceful shutdown, nothing flushed on the way out.
     gp.child.kill().expect("SIGKILL");
@@ -223,7 +166,7 @@ async fn acknowledged_scopes_survive_kill_9_and_never_touch_disk_in_plaintext() 
     assert_refused(&gp, &fake, &new_token(), REPO_A, 401, "unknown_token").await;
 
     // Exactly the two active tokens, with their sources, as before the crash.
-    let listed = admin_list(&gp).await;
+    let listed = listing_at(gp.admin).await;
     assert_eq!(
         listed, listed_before,
         "the listing survives the crash unchanged"
@@ -234,7 +177,7 @@ async fn acknowledged_scopes_survive_kill_9_and_never_touch_disk_in_plaintext() 
         (&minted, "durable-mint", "mint"),
         (&registered, "durable-admin", "admin"),
     ] {
-        let id = &sha_hex(token.as_bytes())[..12];
+        let id = token_id(token);
         let entry = tokens
             .iter()
             .find(|t| t["id"] == id)
@@ -248,7 +191,7 @@ async fn acknowledged_scopes_survive_kill_9_and_never_touch_disk_in_plaintext() 
         minted_entry["expires_at"].is_string(),
         "the minted token's expiry survives: {minted_entry}"
     );
-    let revoked_id = &sha_hex(revoked.as_bytes())[..12];
+    let revoked_id = token_id(&revoked);
     assert!(
         tokens.iter().all(|t| t["id"] != revoked_id),
         "the revoked token is not listed: {listed}"

@@ -10,7 +10,7 @@ mod raw;
 use std::time::{Duration, Instant};
 
 use fake_relace::{pattern_sha256, FakeRelace, ACCOUNT_KEY};
-use raw::{build_request, call, find, parse_response, sha_hex};
+use raw::{build_request, call, call_with_auth, find, parse_response, post_json, sha_hex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -39,17 +39,7 @@ async fn repo_token_lifecycle() {
     assert_eq!(bad.status, 422);
     assert!(bad.json().get("detail").is_some());
 
-    let created = call(
-        addr,
-        "POST",
-        "/v1/repo_token",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
-        create.as_bytes(),
-    )
-    .await;
+    let created = post_json(addr, "/v1/repo_token", &auth, create.as_bytes()).await;
     assert_eq!(created.status, 200);
     let created = created.json();
     let token = created["token"].as_str().unwrap().to_owned();
@@ -62,14 +52,7 @@ async fn repo_token_lifecycle() {
     assert!(created["expires_at"].as_str().unwrap().ends_with('Z'));
     assert!(fake.has_token(&token));
 
-    let got = call(
-        addr,
-        "GET",
-        &format!("/v1/repo_token/{token}"),
-        &[("Authorization", &auth)],
-        b"",
-    )
-    .await;
+    let got = call_with_auth(addr, "GET", &format!("/v1/repo_token/{token}"), &auth).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.json()["name"], "agent-1");
     assert!(
@@ -77,39 +60,18 @@ async fn repo_token_lifecycle() {
         "secret is shown only once"
     );
 
-    let deleted = call(
-        addr,
-        "DELETE",
-        &format!("/v1/repo_token/{token}"),
-        &[("Authorization", &auth)],
-        b"",
-    )
-    .await;
+    let deleted = call_with_auth(addr, "DELETE", &format!("/v1/repo_token/{token}"), &auth).await;
     assert_eq!(deleted.status, 204);
     assert!(!fake.has_token(&token));
-    let gone = call(
-        addr,
-        "GET",
-        &format!("/v1/repo_token/{token}"),
-        &[("Authorization", &auth)],
-        b"",
-    )
-    .await;
+    let gone = call_with_auth(addr, "GET", &format!("/v1/repo_token/{token}"), &auth).await;
     assert_eq!(gone.status, 404);
 
     let minted = fake.mint("direct", &[REPO], None);
     assert!(fake.has_token(&minted));
-    let got = call(
-        addr,
-        "GET",
-        &format!("/v1/repo_token/{minted}"),
-        &[("Authorization", &auth)],
-        b"",
-    )
-    .await;
+    let got = call_with_auth(addr, "GET", &format!("/v1/repo_token/{minted}"), &auth).await;
     assert_eq!(got.json()["expires_at"], serde_json::Value::Null);
 
-    let list = call(addr, "GET", "/v1/repo", &[("Authorization", &auth)], b"").await;
+    let list = call_with_auth(addr, "GET", "/v1/repo", &auth).await;
     assert_eq!(list.status, 200);
     assert_eq!(list.json()["total_items"], 0);
 }

@@ -24,6 +24,12 @@ fn file_path(repo: &str, rest: &str) -> String {
     format!("/v1/repo/{repo}/file/{rest}")
 }
 
+/// `GET` `REPO_A`'s file `rest` (a path, and any query) on the proxy with `token` as
+/// Bearer.
+async fn get_file(gw: &Gateway, rest: &str, token: &str) -> RawResponse {
+    call_with_auth(gw.proxy, "GET", &file_path(REPO_A, rest), &bearer(token)).await
+}
+
 /// The recorded upstream request with exactly this target (panics if absent).
 fn recorded(fake: &FakeRelace, target: &str) -> Recorded {
     let all = fake.requests();
@@ -112,29 +118,21 @@ fn closed_port() -> u16 {
     port
 }
 
-/// Asserts a gateway-made JSON error in the shape of SPEC §4.
-fn assert_gateway_error(r: &RawResponse, status: u16, code: &str) {
-    assert_eq!(
-        r.status,
-        status,
-        "body: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    assert_eq!(r.header("content-type"), Some("application/json"));
-    assert_eq!(r.header("cache-control"), Some("no-store"));
-    let id = r.header("x-request-id").expect("x-request-id on an error");
-    assert!(!id.is_empty());
-    let body = r.json();
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["request_id"], id, "{body}");
-    assert!(body["error"].as_str().is_some_and(|m| !m.is_empty()));
-    if status >= 500 {
-        assert_eq!(
-            r.header("x-should-retry"),
-            None,
-            "scopegate's own 5xx must stay retryable"
-        );
+/// A gateway in front of a fresh fake, with a token registered for `REPO_A`.
+async fn setup() -> (FakeRelace, Gateway, String) {
+    setup_with(&[]).await
+}
+
+/// [`setup`], with `section.key = value` settings for the gateway.
+async fn setup_with(settings: &[(&str, &str)]) -> (FakeRelace, Gateway, String) {
+    let fake = FakeRelace::start().await;
+    let mut builder = Gateway::builder(&fake.url());
+    for (key, value) in settings {
+        builder = builder.set(key, value);
     }
+    let gw = builder.start().await;
+    let token = gw.token_for(&[REPO_A]).await;
+    (fake, gw, token)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -142,9 +140,7 @@ fn assert_gateway_error(r: &RawResponse, status: u16, code: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_request_headers_are_removed_and_end_to_end_headers_kept() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::start(&fake).await;
-    let token = gw.token_for(&[REPO_A]).await;
+    let (fake, gw, token) = setup().await;
     let target = format!("{}?via=hop", file_path(REPO_A, "src/main.py"));
     let body = br#"{"content":"print(1)"}"#;
     let request = format!(
@@ -232,15 +228,9 @@ async fn hop_by_hop_request_headers_are_removed_and_end_to_end_headers_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_response_headers_are_removed() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::start(&fake).await;
-    let token = gw.token_for(&[REPO_A]).await;
-    let auth = bearer(&token);
+    let (_fake, gw, token) = setup().await;
     for query in ["hop=1", "hop=1&bytes=1000&chunked=1", "hop=1&status=429"] {
-        let target = format!("{}?{query}", file_path(REPO_A, "x"));
-        let r = gw
-            .proxy_call("GET", &target, &[("Authorization", &auth)], b"")
-            .await;
+        let r = get_file(&gw, &format!("x?{query}"), &token).await;
         assert!(r.status == 200 || r.status == 429, "{query}: {}", r.status);
         for hop in ["x-hop-secret", "keep-alive", "proxy-connection", "trailer"] {
             assert_eq!(r.header(hop), None, "{query}: {hop} reached the client");
@@ -257,20 +247,18 @@ async fn hop_by_hop_response_headers_are_removed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_id_is_kept_or_generated_and_returned() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::start(&fake).await;
-    let token = gw.token_for(&[REPO_A]).await;
+    let (fake, gw, token) = setup().await;
     let auth = bearer(&token);
 
     let sent_target = format!("{}?rid=sent", file_path(REPO_A, "a"));
-    let r = gw
-        .proxy_call(
-            "GET",
-            &sent_target,
-            &[("Authorization", &auth), ("X-Request-Id", "req-client-42")],
-            b"",
-        )
-        .await;
+    let r = call(
+        gw.proxy,
+        "GET",
+        &sent_target,
+        &[("Authorization", &auth), ("X-Request-Id", "req-client-42")],
+        b"",
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-request-id"), Some("req-client-42"));
     assert_eq!(
@@ -281,9 +269,7 @@ async fn request_id_is_kept_or_generated_and_returned() {
     let mut generated = Vec::new();
     for i in 0..2 {
         let target = format!("{}?rid=none{i}", file_path(REPO_A, "a"));
-        let r = gw
-            .proxy_call("GET", &target, &[("Authorization", &auth)], b"")
-            .await;
+        let r = call_with_auth(gw.proxy, "GET", &target, &auth).await;
         assert_eq!(r.status, 200);
         let id = r.header("x-request-id").expect("generated x-request-id");
         assert!(!id.is_empty());
@@ -299,15 +285,11 @@ async fn request_id_is_kept_or_generated_and_returned() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_is_forwarded_byte_for_byte() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::start(&fake).await;
-    let token = gw.token_for(&[REPO_A]).await;
+    let (fake, gw, token) = setup().await;
 
     let bearer_value = bearer(&token);
     let target = file_path(REPO_A, "cred.txt");
-    let r = gw
-        .proxy_call("GET", &target, &[("Authorization", &bearer_value)], b"")
-        .await;
+    let r = call_with_auth(gw.proxy, "GET", &target, &bearer_value).await;
     assert_eq!(r.status, 200);
     assert_eq!(
         recorded(&fake, &target).header_all("authorization"),
@@ -317,9 +299,7 @@ async fn credential_is_forwarded_byte_for_byte() {
     // git's Basic form, on a git route.
     let basic_value = basic(&token);
     let git_target = format!("/v1/repo/{REPO_A}.git/info/refs?service=git-upload-pack");
-    let r = gw
-        .proxy_call("GET", &git_target, &[("Authorization", &basic_value)], b"")
-        .await;
+    let r = call_with_auth(gw.proxy, "GET", &git_target, &basic_value).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         recorded(&fake, &git_target).header_all("authorization"),
@@ -332,9 +312,7 @@ async fn credential_is_forwarded_byte_for_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_statuses_pass_through_with_headers_and_body() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::start(&fake).await;
-    let token = gw.token_for(&[REPO_A]).await;
+    let (_fake, gw, token) = setup().await;
     let auth = bearer(&token);
     for (status, message) in [
         (423u16, "Locked"),
@@ -348,9 +326,7 @@ async fn upstream_statuses_pass_through_with_headers_and_body() {
             "{}?status={status}&retry_after=7",
             file_path(REPO_A, "status")
         );
-        let r = gw
-            .proxy_call("GET", &target, &[("Authorization", &auth)], b"")
-            .await;
+        let r = call_with_auth(gw.proxy, "GET", &target, &auth).await;
         assert_eq!(r.status, status, "status {status} changed");
         assert_eq!(
             r.json(),
@@ -382,19 +358,9 @@ async fn upstream_statuses_pass_through_with_headers_and_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_headers_and_body_reach_the_client_unchanged() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::start(&fake).await;
-    let token = gw.token_for(&[REPO_A]).await;
-    let auth = bearer(&token);
+    let (_fake, gw, token) = setup().await;
 
-    let r = gw
-        .proxy_call(
-            "GET",
-            &format!("{}?bytes=1000", file_path(REPO_A, "big.bin")),
-            &[("Authorization", &auth)],
-            b"",
-        )
-        .await;
+    let r = get_file(&gw, "big.bin?bytes=1000", &token).await;
     assert_eq!(r.status, 200);
     assert_eq!(
         r.header("content-disposition"),
@@ -406,14 +372,7 @@ async fn download_headers_and_body_reach_the_client_unchanged() {
     assert_eq!(sha_hex(&r.body), pattern_sha256(1000));
 
     // The chunked form too (no Content-Length from the upstream).
-    let r = gw
-        .proxy_call(
-            "GET",
-            &format!("{}?bytes=300000&chunked=1", file_path(REPO_A, "big.bin")),
-            &[("Authorization", &auth)],
-            b"",
-        )
-        .await;
+    let r = get_file(&gw, "big.bin?bytes=300000&chunked=1", &token).await;
     assert_eq!(r.status, 200);
     assert_eq!(
         r.header("content-disposition"),
@@ -425,9 +384,7 @@ async fn download_headers_and_body_reach_the_client_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn method_raw_target_and_body_reach_the_upstream_byte_for_byte() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::start(&fake).await;
-    let token = gw.token_for(&[REPO_A]).await;
+    let (fake, gw, token) = setup().await;
     let auth = bearer(&token);
 
     // Binary body: every byte value, in an order that is not the download pattern.
@@ -454,17 +411,17 @@ async fn method_raw_target_and_body_reach_the_upstream_byte_for_byte() {
     ];
     for (method, target) in &cases {
         let sent: &[u8] = if *method == "DELETE" { b"" } else { &body };
-        let r = gw
-            .proxy_call(
-                method,
-                target,
-                &[
-                    ("Authorization", &auth),
-                    ("Content-Type", "application/octet-stream"),
-                ],
-                sent,
-            )
-            .await;
+        let r = call(
+            gw.proxy,
+            method,
+            target,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/octet-stream"),
+            ],
+            sent,
+        )
+        .await;
         assert_eq!(r.status, 200, "{method} {target}");
         let echo = r.json();
         assert_eq!(echo["method"], *method);
@@ -486,9 +443,7 @@ async fn method_raw_target_and_body_reach_the_upstream_byte_for_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_pooled() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::start(&fake).await;
-    let token = gw.token_for(&[REPO_A]).await;
+    let (fake, gw, token) = setup().await;
     let auth = bearer(&token);
     assert_eq!(fake.connections_accepted(), 0);
 
@@ -528,14 +483,7 @@ async fn upstream_connections_are_pooled() {
     // The pool is the gateway's, not the client connection's: 10 more requests, each on
     // its own client connection, still reuse it.
     for i in 0..10 {
-        let r = gw
-            .proxy_call(
-                "GET",
-                &format!("{}?fresh={i}", file_path(REPO_A, "pool")),
-                &[("Authorization", &auth)],
-                b"",
-            )
-            .await;
+        let r = get_file(&gw, &format!("pool?fresh={i}"), &token).await;
         assert_eq!(r.status, 200);
     }
     let total = fake.connections_accepted();
@@ -547,9 +495,7 @@ async fn upstream_connections_are_pooled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_client_is_forwarded() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::start(&fake).await;
-    let token = gw.token_for(&[REPO_A]).await;
+    let (fake, gw, token) = setup().await;
     let auth = bearer(&token);
 
     let stream = TcpStream::connect(gw.proxy).await.expect("connect");
@@ -615,16 +561,16 @@ async fn upstream_down_is_a_prompt_502() {
     let token = gw.token_for(&[REPO_A]).await;
     let auth = bearer(&token);
     let started = Instant::now();
-    let r = gw
-        .proxy_call(
-            "PUT",
-            &file_path(REPO_A, "down.txt"),
-            &[("Authorization", &auth), ("X-Request-Id", "down-1")],
-            b"payload",
-        )
-        .await;
+    let r = call(
+        gw.proxy,
+        "PUT",
+        &file_path(REPO_A, "down.txt"),
+        &[("Authorization", &auth), ("X-Request-Id", "down-1")],
+        b"payload",
+    )
+    .await;
     let elapsed = started.elapsed();
-    assert_gateway_error(&r, 502, "upstream_unavailable");
+    assert_refused(&r, 502, "upstream_unavailable");
     assert_eq!(r.header("x-request-id"), Some("down-1"));
     assert!(
         elapsed < Duration::from_secs(2),
@@ -672,19 +618,11 @@ async fn upstream_connect_that_hangs_is_a_502_after_connect_timeout() {
         .await;
     let token = gw.token_for(&[REPO_A]).await;
     let started = Instant::now();
-    let r = tokio::time::timeout(
-        Duration::from_secs(10),
-        gw.proxy_call(
-            "GET",
-            &file_path(REPO_A, "hang.txt"),
-            &[("Authorization", &bearer(&token))],
-            b"",
-        ),
-    )
-    .await
-    .expect("a hanging connect must be answered, not waited on forever");
+    let r = tokio::time::timeout(Duration::from_secs(10), get_file(&gw, "hang.txt", &token))
+        .await
+        .expect("a hanging connect must be answered, not waited on forever");
     let elapsed = started.elapsed();
-    assert_gateway_error(&r, 502, "upstream_unavailable");
+    assert_refused(&r, 502, "upstream_unavailable");
     assert!(
         elapsed >= Duration::from_millis(250),
         "answered after {elapsed:?}: the connect did not hang, so connect_timeout was not exercised"
@@ -699,70 +637,29 @@ async fn upstream_connect_that_hangs_is_a_502_after_connect_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_upstream_is_a_504_and_a_slow_head_within_the_timeout_is_fine() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::builder(&fake.url())
-        .set("upstream.response_header_timeout", "\"300ms\"")
-        .start()
-        .await;
-    let token = gw.token_for(&[REPO_A]).await;
+    let (_fake, gw, token) = setup_with(&[("upstream.response_header_timeout", "\"300ms\"")]).await;
     let started = Instant::now();
-    let r = gw
-        .proxy_call(
-            "GET",
-            &format!("{}?delay_ms=5000", file_path(REPO_A, "slow")),
-            &[("Authorization", &bearer(&token))],
-            b"",
-        )
-        .await;
+    let r = get_file(&gw, "slow?delay_ms=5000", &token).await;
     let elapsed = started.elapsed();
-    assert_gateway_error(&r, 504, "upstream_timeout");
+    assert_refused(&r, 504, "upstream_timeout");
     assert!(
         elapsed < Duration::from_secs(4),
         "the 504 took {elapsed:?}; it should come after ~300 ms, not after the upstream"
     );
 
-    let fake2 = FakeRelace::start().await;
-    let gw2 = Gateway::builder(&fake2.url())
-        .set("upstream.response_header_timeout", "\"2s\"")
-        .start()
-        .await;
-    let token2 = gw2.token_for(&[REPO_A]).await;
-    let r = gw2
-        .proxy_call(
-            "GET",
-            &format!("{}?delay_ms=100", file_path(REPO_A, "slowish")),
-            &[("Authorization", &bearer(&token2))],
-            b"",
-        )
-        .await;
+    let (_fake2, gw2, token2) = setup_with(&[("upstream.response_header_timeout", "\"2s\"")]).await;
+    let r = get_file(&gw2, "slowish?delay_ms=100", &token2).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_reset_is_a_502() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::start(&fake).await;
-    let token = gw.token_for(&[REPO_A]).await;
-    let auth = bearer(&token);
+    let (_fake, gw, token) = setup().await;
     // Once on a fresh upstream connection, once on a pooled one.
     for i in 0..2 {
-        let r = gw
-            .proxy_call(
-                "GET",
-                &format!("{}?reset=1&i={i}", file_path(REPO_A, "crash")),
-                &[("Authorization", &auth)],
-                b"",
-            )
-            .await;
-        assert_gateway_error(&r, 502, "upstream_unavailable");
-        let ok = gw
-            .proxy_call(
-                "GET",
-                &format!("{}?after={i}", file_path(REPO_A, "crash")),
-                &[("Authorization", &auth)],
-                b"",
-            )
-            .await;
+        let r = get_file(&gw, &format!("crash?reset=1&i={i}"), &token).await;
+        assert_refused(&r, 502, "upstream_unavailable");
+        let ok = get_file(&gw, &format!("crash?after={i}"), &token).await;
         assert_eq!(ok.status, 200, "the gateway recovers after a reset");
     }
 }
@@ -844,34 +741,20 @@ async fn broken_body_hyper(gw: &Gateway, token: &str, chunked: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_after_the_head_aborts_the_client_stream() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::start(&fake).await;
-    let token = gw.token_for(&[REPO_A]).await;
+    let (_fake, gw, token) = setup().await;
     for chunked in [false, true] {
         broken_body_raw(&gw, &token, chunked).await;
         broken_body_hyper(&gw, &token, chunked).await;
     }
     // The gateway is fine afterwards.
-    let r = gw
-        .proxy_call(
-            "GET",
-            &format!("{}?bytes=1000", file_path(REPO_A, "ok.bin")),
-            &[("Authorization", &bearer(&token))],
-            b"",
-        )
-        .await;
+    let r = get_file(&gw, "ok.bin?bytes=1000", &token).await;
     assert_eq!(r.status, 200);
     assert_eq!(sha_hex(&r.body), pattern_sha256(1000));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_sse_stream_is_not_cut_by_the_header_timeout() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::builder(&fake.url())
-        .set("upstream.response_header_timeout", "\"300ms\"")
-        .start()
-        .await;
-    let token = gw.token_for(&[REPO_A]).await;
+    let (_fake, gw, token) = setup_with(&[("upstream.response_header_timeout", "\"300ms\"")]).await;
     let req = Request::post(format!("/v1/repo/{REPO_A}/agent?sse=3&interval_ms=700"))
         .header("host", "scopegate")
         .header("authorization", bearer(&token))
@@ -908,12 +791,7 @@ async fn quiet_sse_stream_is_not_cut_by_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_outcomes_are_counted_by_class() {
-    let fake = FakeRelace::start().await;
-    let gw = Gateway::builder(&fake.url())
-        .set("upstream.response_header_timeout", "\"300ms\"")
-        .start()
-        .await;
-    let token = gw.token_for(&[REPO_A]).await;
+    let (_fake, gw, token) = setup_with(&[("upstream.response_header_timeout", "\"300ms\"")]).await;
     let auth = bearer(&token);
     let cases: [(&str, u16); 7] = [
         ("status=201", 201),
@@ -925,25 +803,11 @@ async fn upstream_outcomes_are_counted_by_class() {
         ("delay_ms=3000", 504),
     ];
     for (query, status) in cases {
-        let r = gw
-            .proxy_call(
-                "GET",
-                &format!("{}?{query}", file_path(REPO_A, "m")),
-                &[("Authorization", &auth)],
-                b"",
-            )
-            .await;
+        let r = get_file(&gw, &format!("m?{query}"), &token).await;
         assert_eq!(r.status, status, "{query}");
     }
     // A refusal never reaches the upstream and is not an upstream outcome.
-    let refused = gw
-        .proxy_call(
-            "GET",
-            &file_path(REPO_B, "m"),
-            &[("Authorization", &auth)],
-            b"",
-        )
-        .await;
+    let refused = call_with_auth(gw.proxy, "GET", &file_path(REPO_B, "m"), &auth).await;
     assert_eq!(refused.status, 403);
 
     let m = gw.metrics().await;
@@ -958,12 +822,7 @@ async fn upstream_outcomes_are_counted_by_class() {
     assert_eq!(class("5xx"), 1.0, "{m}");
     assert_eq!(class("error"), 1.0, "{m}");
     assert_eq!(class("timeout"), 1.0, "{m}");
-    let decision = |d: &str| {
-        metric_value(
-            &m,
-            &format!("scopegate_requests_total{{decision=\"{d}\",listener=\"proxy\"}}"),
-        )
-    };
+    let decision = |d: &str| proxy_decisions(&m, d);
     assert_eq!(decision("allowed"), 5.0, "{m}");
     assert_eq!(decision("upstream_unavailable"), 1.0, "{m}");
     assert_eq!(decision("upstream_timeout"), 1.0, "{m}");

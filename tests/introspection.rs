@@ -115,24 +115,9 @@ fn forwarded_count(fake: &FakeRelace) -> usize {
         .count()
 }
 
-fn file_url(repo: &str) -> String {
-    format!("/v1/repo/{repo}/file/src/main.rs")
-}
-
-fn body_text(resp: &RawResponse) -> String {
-    String::from_utf8_lossy(&resp.body).into_owned()
-}
-
-/// The 12-hex public id of a token (SPEC §7).
-fn token_id(token: &str) -> String {
-    sha_hex(token.as_bytes())[..12].to_owned()
-}
-
 /// `GET /v1/repo/<repo>/file/src/main.rs` on the proxy with `token` as Bearer.
 async fn get_file(gw: &Gateway, token: &str, repo: &str) -> RawResponse {
-    let auth = bearer(token);
-    gw.proxy_call("GET", &file_url(repo), &[("Authorization", &auth)], b"")
-        .await
+    call_with_auth(gw.proxy, "GET", &file_url(repo), &bearer(token)).await
 }
 
 /// A forwarded answer: the fake's echo of the request (so it really reached it).
@@ -153,107 +138,22 @@ fn assert_forwarded(resp: &RawResponse, repo: &str) {
     );
 }
 
-/// A refusal exactly as SPEC §4 describes it.
-#[track_caller]
-fn assert_refused(resp: &RawResponse, status: u16, code: &str) {
-    let text = body_text(resp);
-    assert_eq!(
-        resp.status, status,
-        "status (expected {code}); body: {text}"
-    );
-    assert_eq!(
-        resp.header("content-type"),
-        Some("application/json"),
-        "{code}: Content-Type"
-    );
-    assert_eq!(
-        resp.header("cache-control"),
-        Some("no-store"),
-        "{code}: Cache-Control"
-    );
-    let rid = resp
-        .header("x-request-id")
-        .unwrap_or_else(|| panic!("{code}: no x-request-id header"));
-    let body: Value = serde_json::from_slice(&resp.body)
-        .unwrap_or_else(|e| panic!("{code}: body is not JSON ({e}): {text}"));
-    assert_eq!(body["code"], code, "code; body: {text}");
-    assert!(
-        body["error"].as_str().is_some_and(|e| !e.trim().is_empty()),
-        "{code}: no error message: {text}"
-    );
-    assert_eq!(
-        body["request_id"], rid,
-        "{code}: request_id vs x-request-id"
-    );
-    if (400..500).contains(&status) && status != 429 {
-        assert_eq!(
-            resp.header("x-should-retry"),
-            Some("false"),
-            "{code}: x-should-retry on a 4xx refusal"
-        );
-    } else {
-        assert_eq!(
-            resp.header("x-should-retry"),
-            None,
-            "{code}: x-should-retry must stay absent on {status} (it stays retryable)"
-        );
-    }
-}
-
-/// `GET /admin/tokens` → the listed entries.
-async fn listed(gw: &Gateway) -> Vec<Value> {
-    let auth = bearer(ADMIN_TOKEN);
-    let r = gw
-        .admin_call("GET", "/admin/tokens", &[("Authorization", &auth)], b"")
-        .await;
-    assert_eq!(r.status, 200, "GET /admin/tokens: {}", body_text(&r));
-    r.json()["tokens"]
-        .as_array()
-        .expect("tokens array")
-        .to_owned()
-}
-
 async fn listed_entry(gw: &Gateway, token: &str) -> Option<Value> {
     let id = token_id(token);
-    listed(gw).await.into_iter().find(|t| t["id"] == id)
+    gw.listed().await.into_iter().find(|t| t["id"] == id)
 }
 
 /// Deletes `token` directly at the fake (the gateway is not told).
 async fn delete_upstream(fake: &FakeRelace, token: &str) {
-    let auth = bearer(ACCOUNT_KEY);
-    let r = call(
-        fake.addr(),
-        "DELETE",
-        &format!("/v1/repo_token/{token}"),
-        &[("Authorization", &auth)],
-        b"",
-    )
-    .await;
+    let target = format!("/v1/repo_token/{token}");
+    let r = call_with_auth(fake.addr(), "DELETE", &target, &bearer(ACCOUNT_KEY)).await;
     assert_eq!(r.status, 204, "delete at the fake: {}", body_text(&r));
     assert!(!fake.has_token(token));
 }
 
 /// Mints through the admin passthrough and returns the token and its `expires_at`.
 async fn mint_with_expiry(gw: &Gateway, ttl_seconds: u64) -> (String, OffsetDateTime) {
-    let body = serde_json::json!({
-        "name": "short-lived",
-        "repo_ids": [REPO_A],
-        "ttl_seconds": ttl_seconds,
-    });
-    let auth = bearer(ACCOUNT_KEY);
-    let r = gw
-        .admin_call(
-            "POST",
-            "/v1/repo_token",
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )
-        .await;
-    assert_eq!(r.status, 200, "mint: {}", body_text(&r));
-    let answer = r.json();
+    let answer = mint_at(gw.admin, "short-lived", &[REPO_A], Some(ttl_seconds)).await;
     let token = answer["token"].as_str().expect("token").to_owned();
     let expires_at =
         OffsetDateTime::parse(answer["expires_at"].as_str().expect("expires_at"), &Rfc3339)
@@ -344,7 +244,7 @@ async fn upstream_only_token_is_learned_once_and_served_from_cache() {
     assert_eq!(entry["repo_ids"], serde_json::json!([REPO_A]));
     assert_eq!(entry["expires_at"], Value::Null);
     assert!(
-        !Value::from(listed(&s.gw).await)
+        !Value::from(s.gw.listed().await)
             .to_string()
             .contains(&token),
         "listings never carry the token"
@@ -361,25 +261,32 @@ async fn upstream_only_token_is_learned_once_and_served_from_cache() {
     );
 }
 
+/// `n` simultaneous `GET`s of `REPO_A`'s file with `token` as Bearer, each on its own
+/// connection; the answers, in the order sent.
+async fn simultaneous_gets(gw: &Gateway, token: &str, n: usize) -> Vec<RawResponse> {
+    let auth = bearer(token);
+    let target = file_url(REPO_A);
+    let proxy = gw.proxy;
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let auth = auth.clone();
+            let target = target.clone();
+            tokio::spawn(async move { call_with_auth(proxy, "GET", &target, &auth).await })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(n);
+    for task in tasks {
+        answers.push(task.await.expect("request task"));
+    }
+    answers
+}
+
 /// 64 simultaneous first requests for one upstream-only token: one introspection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_requests_make_one_introspection() {
     let s = setup().await;
     let token = s.fake.mint("busy", &[REPO_A], None);
-    let auth = bearer(&token);
-    let target = file_url(REPO_A);
-    let proxy = s.gw.proxy;
-    let tasks: Vec<_> = (0..64)
-        .map(|_| {
-            let auth = auth.clone();
-            let target = target.clone();
-            tokio::spawn(async move {
-                call(proxy, "GET", &target, &[("Authorization", &auth)], b"").await
-            })
-        })
-        .collect();
-    for task in tasks {
-        let r = task.await.expect("request task");
+    for r in simultaneous_gets(&s.gw, &token, 64).await {
         assert_forwarded(&r, REPO_A);
     }
     assert_eq!(
@@ -395,20 +302,7 @@ async fn concurrent_first_requests_make_one_introspection() {
 async fn concurrent_unknown_token_requests_make_one_introspection() {
     let s = setup().await;
     let token = new_token();
-    let auth = bearer(&token);
-    let target = file_url(REPO_A);
-    let proxy = s.gw.proxy;
-    let tasks: Vec<_> = (0..64)
-        .map(|_| {
-            let auth = auth.clone();
-            let target = target.clone();
-            tokio::spawn(async move {
-                call(proxy, "GET", &target, &[("Authorization", &auth)], b"").await
-            })
-        })
-        .collect();
-    for task in tasks {
-        let r = task.await.expect("request task");
+    for r in simultaneous_gets(&s.gw, &token, 64).await {
         assert_refused(&r, 401, "unknown_token");
     }
     assert_eq!(introspection_count(&s.fake), 1);
@@ -769,15 +663,8 @@ async fn local_revocation_is_not_undone_by_introspection() {
     let token = s.fake.mint("learned", &[REPO_A], None);
     let r = get_file(&s.gw, &token, REPO_A).await;
     assert_forwarded(&r, REPO_A);
-    let auth = bearer(ADMIN_TOKEN);
-    let r =
-        s.gw.admin_call(
-            "DELETE",
-            &format!("/admin/tokens/{}", token_id(&token)),
-            &[("Authorization", &auth)],
-            b"",
-        )
-        .await;
+    let target = format!("/admin/tokens/{}", token_id(&token));
+    let r = call_with_auth(s.gw.admin, "DELETE", &target, &bearer(ADMIN_TOKEN)).await;
     assert_eq!(r.status, 204, "admin revoke: {}", body_text(&r));
     let asked = introspection_count(&s.fake);
     for _ in 0..3 {
@@ -929,11 +816,5 @@ async fn metrics_count_learning_revocation_and_cache_hits() {
     assert_eq!(metric_value(&metrics, REVOKED_INTROSPECTION), 1.0);
     assert_eq!(metric_value(&metrics, INTROSPECTION_MISSES), 1.0);
     assert_eq!(metric_value(&metrics, "scopegate_scope_entries"), 0.0);
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "scopegate_requests_total{decision=\"token_revoked\",listener=\"proxy\"}"
-        ),
-        1.0
-    );
+    assert_eq!(proxy_decisions(&metrics, "token_revoked"), 1.0);
 }

@@ -277,6 +277,17 @@ async fn open_embedded(path: &Path) -> Arc<ScopeTable> {
     .expect("open table")
 }
 
+/// The table's listing as `(id, entry)` pairs.
+async fn listing(table: &ScopeTable) -> Vec<(String, ScopeEntry)> {
+    table
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|l| (l.id.as_str().to_owned(), (*l.entry).clone()))
+        .collect()
+}
+
 /// A table and the metrics handle it reports through.
 struct Subject {
     name: &'static str,
@@ -552,22 +563,17 @@ fn reopening_the_embedded_store_preserves_every_decision() {
         let d = |t: usize| TokenDigest::of(&token(t));
         // 0: every repo, no expiry. 1: one repo, far-future expiry. 2: expired.
         // 3: learned, then revoked. 4: revoked without ever being learned. 5: unknown.
-        table
-            .learn(d(0), entry(0b111, Expiry::None, Source::Mint))
-            .await
-            .expect("learn 0");
-        table
-            .learn(d(1), entry(0b010, Expiry::Future, Source::Admin))
-            .await
-            .expect("learn 1");
-        table
-            .learn(d(2), entry(0b001, Expiry::Past, Source::Admin))
-            .await
-            .expect("learn 2");
-        table
-            .learn(d(3), entry(0b001, Expiry::None, Source::Mint))
-            .await
-            .expect("learn 3");
+        for (t, repos, expiry, source) in [
+            (0, 0b111, Expiry::None, Source::Mint),
+            (1, 0b010, Expiry::Future, Source::Admin),
+            (2, 0b001, Expiry::Past, Source::Admin),
+            (3, 0b001, Expiry::None, Source::Mint),
+        ] {
+            table
+                .learn(d(t), entry(repos, expiry, source))
+                .await
+                .unwrap_or_else(|e| panic!("learn {t}: {e:?}"));
+        }
         assert_eq!(table.revoke(d(3), Source::Admin).await, Ok(true));
         assert_eq!(table.revoke(d(4), Source::Admin).await, Ok(false));
 
@@ -596,13 +602,7 @@ fn reopening_the_embedded_store_preserves_every_decision() {
         };
         let before = decisions(table.clone()).await;
         assert_eq!(before, expected.map(|row| row.to_vec()).to_vec());
-        let listed_before: Vec<(String, ScopeEntry)> = table
-            .list()
-            .await
-            .expect("list")
-            .into_iter()
-            .map(|l| (l.id.as_str().to_owned(), (*l.entry).clone()))
-            .collect();
+        let listed_before = listing(&table).await;
         assert_eq!(listed_before.len(), 3);
         drop(table);
 
@@ -612,13 +612,7 @@ fn reopening_the_embedded_store_preserves_every_decision() {
             before,
             "decisions after reopening"
         );
-        let listed_after: Vec<(String, ScopeEntry)> = table
-            .list()
-            .await
-            .expect("list")
-            .into_iter()
-            .map(|l| (l.id.as_str().to_owned(), (*l.entry).clone()))
-            .collect();
+        let listed_after = listing(&table).await;
         assert_eq!(listed_after, listed_before, "listing after reopening");
         // The tombstones are durable: neither revoked token can be learned again.
         for t in [3, 4] {

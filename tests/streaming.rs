@@ -38,53 +38,21 @@ fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// RSS of a process, in KiB, from `/proc/<pid>/status`.
-fn rss_kib_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
-}
-
 /// Starts the real binary in front of `fake` and registers a token for `REPO_A`.
 async fn spawn_gateway(fake: &FakeRelace) -> (GatewayProcess, String) {
     let gp = GatewayProcess::spawn(&Gateway::builder(&fake.url()));
     let token = new_token();
     let body = serde_json::json!({ "token": token, "name": "streaming", "repo_ids": [REPO_A] });
-    let r = call(
-        gp.admin,
-        "POST",
-        "/admin/tokens",
-        &[
-            ("Authorization", &bearer(ADMIN_TOKEN)),
-            ("Content-Type", "application/json"),
-        ],
-        body.to_string().as_bytes(),
-    )
-    .await;
-    assert_eq!(
-        r.status,
-        201,
-        "register: {}",
-        String::from_utf8_lossy(&r.body)
-    );
+    let r = register_at(gp.admin, &body).await;
+    assert_eq!(r.status, 201, "register: {}", body_text(&r));
     (gp, token)
 }
 
 /// One small download so the gateway's pools, buffers and runtime threads exist before
 /// the idle RSS is taken.
 async fn warm_up(gp: &GatewayProcess, token: &str) {
-    let r = call(
-        gp.proxy,
-        "GET",
-        &format!("/v1/repo/{REPO_A}/warm?bytes=1048576"),
-        &[("Authorization", &bearer(token))],
-        b"",
-    )
-    .await;
+    let target = format!("/v1/repo/{REPO_A}/warm?bytes=1048576");
+    let r = call_with_auth(gp.proxy, "GET", &target, &bearer(token)).await;
     assert_eq!(r.status, 200);
     assert_eq!(sha_hex(&r.body), pattern_sha256(MIB));
 }

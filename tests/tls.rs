@@ -121,18 +121,12 @@ async fn upstream_tls_trusts_ca_file_and_speaks_h2_by_alpn() {
         .await;
     let token = gw.token_for(&[REPO_A]).await;
     let auth = bearer(&token);
-    let r = gw
-        .proxy_call(
-            "GET",
-            &format!("/v1/repo/{REPO_A}/file/a.txt"),
-            &[("Authorization", &auth)],
-            b"",
-        )
-        .await;
+    let target = format!("/v1/repo/{REPO_A}/file/a.txt");
+    let r = call_with_auth(gw.proxy, "GET", &target, &auth).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let seen = r.json();
     assert_eq!(seen["version"], "HTTP/2.0", "ALPN should pick h2: {seen}");
-    assert_eq!(seen["path"], format!("/v1/repo/{REPO_A}/file/a.txt"));
+    assert_eq!(seen["path"], target);
     assert_eq!(seen["authorization"], auth.as_str());
 }
 
@@ -144,15 +138,8 @@ async fn upstream_with_an_untrusted_certificate_is_unavailable() {
         .start()
         .await;
     let token = gw.token_for(&[REPO_A]).await;
-    let auth = bearer(&token);
-    let r = gw
-        .proxy_call(
-            "GET",
-            &format!("/v1/repo/{REPO_A}"),
-            &[("Authorization", &auth)],
-            b"",
-        )
-        .await;
+    let target = format!("/v1/repo/{REPO_A}");
+    let r = call_with_auth(gw.proxy, "GET", &target, &bearer(&token)).await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["code"], "upstream_unavailable");
 }

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::fake_relace::{FakeRelace, ACCOUNT_KEY};
-use super::raw::{call, RawResponse};
+use super::raw::{body_text, call, call_with_auth, post_json, sha_hex, RawResponse};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 /// The repo the tests' tokens are usually scoped to.
@@ -33,6 +33,16 @@ pub fn new_token() -> String {
         uuid::Uuid::new_v4().simple(),
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     )
+}
+
+/// The 12-hex public id of a token (SPEC §7).
+pub fn token_id(token: &str) -> String {
+    sha_hex(token.as_bytes())[..12].to_owned()
+}
+
+/// A file route of `repo` (`GET` it to read `src/main.rs`).
+pub fn file_url(repo: &str) -> String {
+    format!("/v1/repo/{repo}/file/src/main.rs")
 }
 
 pub fn bearer(token: &str) -> String {
@@ -161,28 +171,6 @@ impl Gateway {
         Self::builder(&fake.url()).start().await
     }
 
-    /// A raw HTTP/1.1 request to the proxy listener.
-    pub async fn proxy_call(
-        &self,
-        method: &str,
-        target: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> RawResponse {
-        call(self.proxy, method, target, headers, body).await
-    }
-
-    /// A raw HTTP/1.1 request to the admin listener.
-    pub async fn admin_call(
-        &self,
-        method: &str,
-        target: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> RawResponse {
-        call(self.admin, method, target, headers, body).await
-    }
-
     /// `POST /admin/tokens` with the admin token.
     pub async fn register(
         &self,
@@ -196,59 +184,37 @@ impl Gateway {
             "repo_ids": repo_ids,
             "expires_at": expires_at,
         });
-        let auth = bearer(ADMIN_TOKEN);
-        self.admin_call(
-            "POST",
-            "/admin/tokens",
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )
-        .await
+        register_at(self.admin, &body).await
     }
 
     /// Registers a fresh token for `repo_ids` and returns it.
     pub async fn token_for(&self, repo_ids: &[&str]) -> String {
         let token = new_token();
         let r = self.register(&token, repo_ids, None).await;
-        assert_eq!(
-            r.status,
-            201,
-            "register: {}",
-            String::from_utf8_lossy(&r.body)
-        );
+        assert_eq!(r.status, 201, "register: {}", body_text(&r));
         token
     }
 
     /// Mints a token through the admin listener's `/v1/repo_token` passthrough (the
     /// orchestrator's path) and returns it.
     pub async fn mint(&self, name: &str, repo_ids: &[&str], ttl_seconds: Option<u64>) -> String {
-        let body =
-            serde_json::json!({ "name": name, "repo_ids": repo_ids, "ttl_seconds": ttl_seconds });
-        let auth = bearer(ACCOUNT_KEY);
-        let r = self
-            .admin_call(
-                "POST",
-                "/v1/repo_token",
-                &[
-                    ("Authorization", &auth),
-                    ("Content-Type", "application/json"),
-                ],
-                body.to_string().as_bytes(),
-            )
-            .await;
-        assert_eq!(r.status, 200, "mint: {}", String::from_utf8_lossy(&r.body));
-        r.json()["token"]
+        mint_at(self.admin, name, repo_ids, ttl_seconds).await["token"]
             .as_str()
             .expect("token in mint answer")
             .to_owned()
     }
 
+    /// `GET /admin/tokens` with the admin token → the listed entries.
+    pub async fn listed(&self) -> Vec<serde_json::Value> {
+        listing_at(self.admin).await["tokens"]
+            .as_array()
+            .expect("tokens array")
+            .to_owned()
+    }
+
     /// The Prometheus text from `/metrics`.
     pub async fn metrics(&self) -> String {
-        let r = self.admin_call("GET", "/metrics", &[], b"").await;
+        let r = call(self.admin, "GET", "/metrics", &[], b"").await;
         assert_eq!(r.status, 200);
         String::from_utf8(r.body).expect("utf-8 metrics")
     }
@@ -273,6 +239,52 @@ impl Drop for Gateway {
     }
 }
 
+/// `POST /admin/tokens` on the admin listener at `admin` with the admin token and `body`.
+pub async fn register_at(admin: SocketAddr, body: &serde_json::Value) -> RawResponse {
+    let auth = bearer(ADMIN_TOKEN);
+    post_json(admin, "/admin/tokens", &auth, body.to_string().as_bytes()).await
+}
+
+/// Mints through the `/v1/repo_token` passthrough of the admin listener at `admin` with
+/// the account key; checks the 200 and returns the mint answer.
+pub async fn mint_at(
+    admin: SocketAddr,
+    name: &str,
+    repo_ids: &[&str],
+    ttl_seconds: Option<u64>,
+) -> serde_json::Value {
+    let body =
+        serde_json::json!({ "name": name, "repo_ids": repo_ids, "ttl_seconds": ttl_seconds });
+    let r = post_json(
+        admin,
+        "/v1/repo_token",
+        &bearer(ACCOUNT_KEY),
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "mint: {}", body_text(&r));
+    r.json()
+}
+
+/// `GET /admin/tokens` on the admin listener at `admin` with the admin token; checks the
+/// 200 and returns the whole answer.
+pub async fn listing_at(admin: SocketAddr) -> serde_json::Value {
+    let r = call_with_auth(admin, "GET", "/admin/tokens", &bearer(ADMIN_TOKEN)).await;
+    assert_eq!(r.status, 200, "GET /admin/tokens: {}", body_text(&r));
+    r.json()
+}
+
+/// Resident set size of a process, in KiB, from `/proc/<pid>/status`.
+pub fn rss_kib_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
 /// Value of one metric sample line (`name{labels} value`), 0 when absent.
 pub fn metric_value(metrics: &str, name_and_labels: &str) -> f64 {
     metrics
@@ -283,6 +295,14 @@ pub fn metric_value(metrics: &str, name_and_labels: &str) -> f64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0.0)
+}
+
+/// `scopegate_requests_total` of the proxy listener for `decision` (0 when absent).
+pub fn proxy_decisions(metrics: &str, decision: &str) -> f64 {
+    metric_value(
+        metrics,
+        &format!("scopegate_requests_total{{decision=\"{decision}\",listener=\"proxy\"}}"),
+    )
 }
 
 /// Sends one request over a fresh HTTP/1.1 connection with hyper's client and returns
@@ -391,14 +411,7 @@ impl GatewayProcess {
 
     /// Resident set size of the gateway process, in KiB, from `/proc`.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("read /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmRSS")
+        rss_kib_of(self.child.id())
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.

@@ -1,11 +1,14 @@
-//! Shared test support: the fake Relace upstream, a raw HTTP/1.1 client, and builders
-//! that run the real gateway (in-process on port 0, or as the real binary).
+//! Shared test support: the fake Relace upstream, a raw HTTP/1.1 client, builders
+//! that run the real gateway (in-process on port 0, or as the real binary), and
+//! assertions on the gateway's own answers.
 #![allow(dead_code, unused_imports)]
 
+pub mod assertions;
 pub mod fake_relace;
 pub mod gateway;
 pub mod raw;
 
+pub use assertions::*;
 pub use fake_relace::{pattern_sha256, FakeRelace, Recorded, ACCOUNT_KEY};
 pub use gateway::*;
-pub use raw::{call, sha_hex, RawResponse};
+pub use raw::{body_text, call, call_with_auth, post_json, sha_hex, RawResponse};

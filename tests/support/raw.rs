@@ -111,6 +111,50 @@ pub async fn call(
     send(addr, &build_request(method, target, headers, body)).await
 }
 
+/// `method target` to `addr` with one `Authorization` header (the whole value, e.g.
+/// `Bearer …`) and no body.
+pub async fn call_with_auth(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    authorization: &str,
+) -> RawResponse {
+    call(
+        addr,
+        method,
+        target,
+        &[("Authorization", authorization)],
+        b"",
+    )
+    .await
+}
+
+/// `POST target` to `addr` with an `Authorization` header and `Content-Type:
+/// application/json`; `body` is sent as given (it need not be valid JSON).
+pub async fn post_json(
+    addr: SocketAddr,
+    target: &str,
+    authorization: &str,
+    body: &[u8],
+) -> RawResponse {
+    call(
+        addr,
+        "POST",
+        target,
+        &[
+            ("Authorization", authorization),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    )
+    .await
+}
+
+/// The body as text (lossy), for assertion messages.
+pub fn body_text(resp: &RawResponse) -> String {
+    String::from_utf8_lossy(&resp.body).into_owned()
+}
+
 pub fn sha_hex(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()
