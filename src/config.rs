@@ -47,6 +47,15 @@ pub struct RawProxy {
     pub deny_operations: Vec<String>,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: String,
+    /// Connections served at once; further ones are closed at accept.
+    pub max_connections: u64,
+    /// Largest request head (request line plus headers) accepted; larger get 431.
+    pub max_header_bytes: u64,
+    /// Most header fields in one request head; more get 431.
+    pub max_headers: u64,
+    /// Time allowed for a request head to arrive, which is also how long an idle
+    /// keep-alive connection waits for its next request (slowloris protection).
+    pub header_read_timeout: String,
 }
 
 impl Default for RawProxy {
@@ -58,6 +67,10 @@ impl Default for RawProxy {
             allow_account_keys: false,
             deny_operations: DEFAULT_DENY.iter().map(|s| (*s).to_owned()).collect(),
             shutdown_grace: "30s".into(),
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout: "10s".into(),
         }
     }
 }
@@ -180,6 +193,27 @@ pub struct ProxyConfig {
     pub allow_account_keys: bool,
     pub policy: OperationPolicy,
     pub shutdown_grace: Duration,
+    pub limits: ConnectionLimits,
+}
+
+/// Per-listener connection limits (fixed at start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,6 +440,41 @@ pub fn validate(raw: &RawConfig, env: &ExtraEnv) -> Result<Config, ConfigErrors>
         }
     };
     let shutdown_grace = p.duration("proxy.shutdown_grace", &raw.proxy.shutdown_grace);
+    let header_read_timeout =
+        p.duration("proxy.header_read_timeout", &raw.proxy.header_read_timeout);
+    if header_read_timeout.is_some_and(|d| d.is_zero()) {
+        p.push("proxy.header_read_timeout: must be more than 0");
+    }
+    let limit = |p: &mut Problems, key: &str, value: u64, min: u64, max: u64| -> usize {
+        if !(min..=max).contains(&value) {
+            p.push(format!(
+                "{key}: must be between {min} and {max}, got {value}"
+            ));
+        }
+        usize::try_from(value).unwrap_or(usize::MAX)
+    };
+    let max_connections = limit(
+        &mut p,
+        "proxy.max_connections",
+        raw.proxy.max_connections,
+        1,
+        10_000_000,
+    );
+    // hyper needs room for at least an 8 KiB read buffer.
+    let max_header_bytes = limit(
+        &mut p,
+        "proxy.max_header_bytes",
+        raw.proxy.max_header_bytes,
+        8192,
+        16 * 1024 * 1024,
+    );
+    let max_headers = limit(
+        &mut p,
+        "proxy.max_headers",
+        raw.proxy.max_headers,
+        8,
+        10_000,
+    );
 
     let admin_listen = p.addr("admin.listen", &raw.admin.listen);
     if let (Some(a), Some(b)) = (proxy_listen, admin_listen) {
@@ -496,6 +565,7 @@ pub fn validate(raw: &RawConfig, env: &ExtraEnv) -> Result<Config, ConfigErrors>
     let (
         Some(proxy_listen),
         Some(shutdown_grace),
+        Some(header_read_timeout),
         Some(admin_listen),
         Some(url),
         Some(connect_timeout),
@@ -508,6 +578,7 @@ pub fn validate(raw: &RawConfig, env: &ExtraEnv) -> Result<Config, ConfigErrors>
     ) = (
         proxy_listen,
         shutdown_grace,
+        header_read_timeout,
         admin_listen,
         url,
         connect_timeout,
@@ -530,6 +601,12 @@ pub fn validate(raw: &RawConfig, env: &ExtraEnv) -> Result<Config, ConfigErrors>
             allow_account_keys: raw.proxy.allow_account_keys,
             policy,
             shutdown_grace,
+            limits: ConnectionLimits {
+                max_connections,
+                max_header_bytes,
+                max_headers,
+                header_read_timeout,
+            },
         },
         admin: AdminConfig {
             listen: admin_listen,

@@ -48,7 +48,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::AdminState;
-use crate::config::{Config, ConfigErrors, Introspect, StoreKind};
+use crate::config::{Config, ConfigErrors, ConnectionLimits, Introspect, StoreKind};
 use crate::metrics::Metrics;
 use crate::proxy::ProxyState;
 use crate::runtime::{LiveSettings, Settings, TlsAcceptors, TlsSlot};
@@ -154,6 +154,7 @@ pub async fn run_with_reload(
         proxy_tls.clone(),
         proxy_graceful.clone(),
         proxy_stop_rx,
+        config.proxy.limits,
         move |req, conn| {
             let state = proxy_state.clone();
             async move { proxy::handle(&state, req, conn).await }
@@ -164,6 +165,7 @@ pub async fn run_with_reload(
         admin_tls.clone(),
         admin_graceful.clone(),
         admin_stop_rx,
+        ConnectionLimits::default(),
         move |req, conn| {
             let state = admin_state.clone();
             async move { admin::handle(&state, req, conn).await }

@@ -82,6 +82,10 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str>
     };
     check(running.proxy.listen != new.proxy.listen, "proxy.listen");
     check(
+        running.proxy.limits != new.proxy.limits,
+        "proxy.max_connections/max_header_bytes/max_headers/header_read_timeout",
+    );
+    check(
         running.proxy.tls.is_some() != new.proxy.tls.is_some(),
         "proxy.tls_cert/tls_key (turning TLS on or off)",
     );

@@ -17,15 +17,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::ResponseBody;
-use crate::config::TlsFiles;
+use crate::config::{ConnectionLimits, TlsFiles};
 use crate::proxy::ConnInfo;
 
-/// A slow client gets this long to send a request head (slowloris protection).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A TLS handshake that takes longer than this is abandoned.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Back-off after an accept error (e.g. EMFILE) so the loop does not spin.
@@ -65,6 +63,7 @@ pub async fn serve<H, F>(
     tls: Option<Arc<ArcSwap<TlsAcceptor>>>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
+    limits: ConnectionLimits,
     handler: H,
 ) where
     H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
@@ -74,8 +73,16 @@ pub async fn serve<H, F>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+        // hyper also runs this timer while a keep-alive connection waits for its next
+        // request, so it bounds idle connections as well as slow heads.
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
     let proto = if tls.is_some() { "https" } else { "http" };
     loop {
         let accepted = tokio::select! {
@@ -90,6 +97,13 @@ pub async fn serve<H, F>(
                 continue;
             }
         };
+        // At the limit, a new connection is closed at once: a clean refusal the client
+        // sees immediately, instead of a connect that hangs in the backlog.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max_connections = limits.max_connections, "connection limit reached; closing a new connection");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let conn_info = ConnInfo { peer, proto };
         let handler = handler.clone();
@@ -103,6 +117,7 @@ pub async fn serve<H, F>(
         // new connections; established ones keep theirs).
         let tls = tls.as_ref().map(|slot| slot.load_full());
         tokio::spawn(async move {
+            let _permit = permit;
             let result = match tls {
                 None => {
                     let conn = builder
