@@ -78,13 +78,15 @@ pub enum UpstreamClass {
 }
 
 impl UpstreamClass {
-    const LABELS: [&'static str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error", "timeout"];
+    /// SPEC §9's closed set. A final 1xx answer cannot come through hyper's client (and
+    /// `Upgrade` is never forwarded), so one would be an upstream protocol error.
+    const LABELS: [&'static str; 6] = ["2xx", "3xx", "4xx", "5xx", "error", "timeout"];
 
     fn index(self) -> usize {
         match self {
-            UpstreamClass::Status(s) => usize::from((s / 100).clamp(1, 5)) - 1,
-            UpstreamClass::Error => 5,
-            UpstreamClass::Timeout => 6,
+            UpstreamClass::Status(s) if (200..600).contains(&s) => usize::from(s / 100) - 2,
+            UpstreamClass::Status(_) | UpstreamClass::Error => 4,
+            UpstreamClass::Timeout => 5,
         }
     }
 }
@@ -120,7 +122,7 @@ struct Inner {
     requests: [[IntCounter; DECISIONS]; 2],
     request_duration: [[Histogram; 2]; 2],
     upstream_duration: Histogram,
-    upstream_responses: [IntCounter; 7],
+    upstream_responses: [IntCounter; 6],
     scope_lookups: [[IntCounter; 3]; 3],
     scope_entries: IntGauge,
     tokens_learned: [IntCounter; 3],
