@@ -1,6 +1,9 @@
 //! Header hygiene for forwarding (SPEC §6).
 
-use http::header::{HeaderName, CONNECTION, EXPECT, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    HeaderName, AUTHORIZATION, CONNECTION, EXPECT, HOST, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, HeaderValue};
 
 /// The request-id header, kept if the client sent a sane one, else generated.
@@ -9,6 +12,17 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Request headers that rewrite the target or method in some server frameworks.
+static ROUTING_OVERRIDES: [HeaderName; 7] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-envoy-original-path"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
 
 /// Longest client-supplied request id that is kept.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -23,6 +37,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            // The credential was authorized as sent; a client must not be able to make
+            // the gateway forward the request without it.
+            .filter(|name| *name != AUTHORIZATION)
             .collect();
         for name in named {
             headers.remove(name);
@@ -50,6 +67,12 @@ pub fn prepare_request_headers(
     headers.remove(EXPECT);
     // The client `Host` names the gateway; the pooled client sets the upstream's.
     headers.remove(HOST);
+    // Headers that some frameworks let override the path or method the gateway just
+    // authorized, and proxy credentials meant for us, never reach the upstream.
+    for name in &ROUTING_OVERRIDES {
+        headers.remove(name);
+    }
+    headers.remove(PROXY_AUTHORIZATION);
     // Sandboxes are untrusted: their own X-Forwarded-* claims are replaced, not extended.
     headers.insert(X_FORWARDED_FOR.clone(), peer_ip);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));

@@ -65,8 +65,14 @@ impl OperationPolicy {
         let Some(operation) = operation else {
             return false;
         };
+        // Case-insensitive on both: a case-folding router would dispatch `POST /GIT` or
+        // `post /git` to the same handler.
         !git && self.deny.iter().any(|rule| {
-            rule.operation == operation && rule.method.as_ref().is_none_or(|m| m == method)
+            rule.operation.eq_ignore_ascii_case(operation)
+                && rule
+                    .method
+                    .as_ref()
+                    .is_none_or(|m| m.as_str().eq_ignore_ascii_case(method.as_str()))
         })
     }
 }
@@ -83,6 +89,10 @@ mod tests {
         assert!(!p.denies(&Method::POST, false, Some("search")));
         assert!(!p.denies(&Method::POST, true, Some("git")));
         assert!(!p.denies(&Method::POST, false, None));
+        // A case-folding router would dispatch these to the same handler.
+        assert!(p.denies(&Method::POST, false, Some("GIT")));
+        let lower = Method::from_bytes(b"post").unwrap();
+        assert!(p.denies(&lower, false, Some("git")));
     }
 
     #[test]

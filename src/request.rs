@@ -190,6 +190,12 @@ pub fn parse_raw_path(raw: &str) -> Result<RepoPath<'_>, Refusal> {
     let mut index = 0usize;
     while let Some(raw_segment) = segments.next() {
         let is_last = segments.peek().is_none();
+        // `v1`, `repo` and the repo id need no escaping and no parameters; spelled any
+        // other way, a router that does not decode (or strips `;`) would not see the
+        // route scopegate authorized.
+        if index < 3 && raw_segment.bytes().any(|b| b == b'%' || b == b';') {
+            return Err(Refusal::BadPath);
+        }
         let decoded = decode_segment(raw_segment)?;
         check_components(&decoded, index, is_last)?;
         if index < first_three.len() {
@@ -210,7 +216,11 @@ pub fn parse_raw_path(raw: &str) -> Result<RepoPath<'_>, Refusal> {
         (None, false)
     };
     // A trailing slash (`/v1/repo/<id>/`) addresses the repo itself, not an operation.
-    let operation = operation.filter(|op| !op.is_empty());
+    // The policy sees what a `;`-stripping router would dispatch on (`git;x=1` is `git`).
+    let operation = operation.filter(|op| !op.is_empty()).map(|op| match op {
+        Cow::Borrowed(b) => Cow::Borrowed(b.split(';').next().unwrap_or(b)),
+        Cow::Owned(o) => Cow::Owned(o.split(';').next().unwrap_or(&o).to_owned()),
+    });
     Ok(RepoPath {
         repo_id,
         git_suffix,
@@ -230,14 +240,27 @@ fn decode_segment(raw: &str) -> Result<Cow<'_, str>, Refusal> {
     if decoded.iter().any(|&b| b == b'\\' || b < 0x20 || b == 0x7f) {
         return Err(Refusal::BadPath);
     }
-    match decoded {
+    let text = match decoded {
         Cow::Borrowed(bytes) => std::str::from_utf8(bytes)
             .map(Cow::Borrowed)
-            .map_err(|_| Refusal::BadPath),
+            .map_err(|_| Refusal::BadPath)?,
         Cow::Owned(bytes) => String::from_utf8(bytes)
             .map(Cow::Owned)
-            .map_err(|_| Refusal::BadPath),
+            .map_err(|_| Refusal::BadPath)?,
+    };
+    // Slash and backslash look-alikes become separators under Unicode folding (NFKC,
+    // best-fit code pages); ASCII text never contains them, so the check is skipped.
+    if !text.is_ascii() && text.chars().any(is_separator_like) {
+        return Err(Refusal::BadPath);
     }
+    Ok(text)
+}
+
+fn is_separator_like(c: char) -> bool {
+    matches!(
+        c,
+        '\u{FF0F}' | '\u{FF3C}' | '\u{2215}' | '\u{2044}' | '\u{29F8}' | '\u{29F9}' | '\u{FE68}'
+    )
 }
 
 /// Unlike `percent_encoding::percent_decode`, which passes a broken escape through as
@@ -273,8 +296,12 @@ fn hex_value(b: u8) -> Option<u8> {
 }
 
 /// Splits a decoded segment on `/` again (an encoded `%2F` counts as a separator for
-/// the checks) and refuses dot segments, inner empty components and a `%2F` in the
-/// first three segments.
+/// the checks) and refuses what some reading of the path could route elsewhere:
+/// - a `%2F` in the first three segments (`v1`, `repo`, the repo id);
+/// - dot segments, also behind a `;` parameter (`..;/`, which Tomcat, Spring and Jetty
+///   read as `..`) or spelled with dot look-alikes (full-width `．`, the leaders `․‥`,
+///   which Unicode-folding readers turn into dots);
+/// - empty components before the end (`//`).
 fn check_components(decoded: &str, index: usize, is_last_segment: bool) -> Result<(), Refusal> {
     if index < 3 && decoded.contains('/') {
         return Err(Refusal::BadPath);
@@ -282,13 +309,29 @@ fn check_components(decoded: &str, index: usize, is_last_segment: bool) -> Resul
     let mut components = decoded.split('/').peekable();
     while let Some(component) = components.next() {
         let is_last = is_last_segment && components.peek().is_none();
-        match component {
-            "." | ".." => return Err(Refusal::BadPath),
-            "" if !is_last => return Err(Refusal::BadPath),
-            _ => {}
+        if component.is_empty() {
+            if is_last {
+                continue;
+            }
+            return Err(Refusal::BadPath);
+        }
+        // What a `;`-parameter-stripping reader keeps of this component.
+        let stem = component.split(';').next().unwrap_or(component);
+        if stem.is_empty() || is_dot_like(stem) {
+            return Err(Refusal::BadPath);
         }
     }
     Ok(())
+}
+
+/// `.`/`..` and their Unicode look-alikes (every char a dot or a dot leader).
+fn is_dot_like(component: &str) -> bool {
+    component.chars().all(|c| {
+        matches!(
+            c,
+            '.' | '\u{FF0E}' | '\u{FE52}' | '\u{2024}' | '\u{2025}' | '\u{2026}'
+        )
+    })
 }
 
 /// A hyphenated UUID in any case, optionally followed by `.git`. Other UUID spellings
@@ -330,9 +373,14 @@ pub fn parse_credential(headers: &HeaderMap, git_challenge: bool) -> Result<Cred
         let decoded = std::str::from_utf8(&decoded).map_err(|_| Refusal::MalformedCredentials)?;
         // git sends `user:password`; the username is conventionally `token` but carries
         // no authority, so any username is accepted and only the password is the secret.
-        let (_user, secret) = decoded
+        let (user, secret) = decoded
             .split_once(':')
             .ok_or(Refusal::MalformedCredentials)?;
+        // The username is forwarded too: one that is itself a Relace credential would
+        // carry a second, unchecked credential to the upstream.
+        if user.len() >= 3 && user[..3].eq_ignore_ascii_case("rlc") {
+            return Err(Refusal::MalformedCredentials);
+        }
         credential_from_secret(secret)
     } else {
         Err(Refusal::MalformedCredentials)
@@ -439,6 +487,13 @@ mod tests {
             "/v1/repo/x/file/%4",
             "/v1/repo/x/file/..%2Fy",
             "/v1/repo/x/file/a%2F%2Fb",
+            "/v1/repo/x/..;/y",
+            "/v1/repo/x/%2e%2e;a=b/y",
+            "/v1/repo/x/;/y",
+            "/v1/%72epo/x",
+            "/v1/repo;a/x",
+            "/v1/repo/x/%ef%bc%8e%ef%bc%8e/y",
+            "/v1/repo/x/file/a%ef%bc%8fb",
             "*",
         ] {
             assert_eq!(path(raw).err(), Some(Refusal::BadPath), "{raw}");

@@ -76,6 +76,8 @@ struct Entry {
     allow_b_in_query: bool,
     /// A known oracle violation (`# finding: <id>`).
     finding: Option<String>,
+    /// A former finding, fixed (`# fixed: <id>`): part of the green replay.
+    fixed: Option<String>,
     note: Option<String>,
     payload: Vec<String>,
 }
@@ -110,6 +112,7 @@ fn parse_entry(number: usize, line: usize, lines: &[&str]) -> Result<Option<Entr
     let mut mode = Mode::Http1;
     let mut allow_b_in_query = false;
     let mut finding = None;
+    let mut fixed = None;
     let mut note = None;
     let mut payload = Vec::new();
     let mut in_meta = true;
@@ -142,6 +145,7 @@ fn parse_entry(number: usize, line: usize, lines: &[&str]) -> Result<Option<Entr
                             }
                             "allow" if value == "b-in-query" => allow_b_in_query = true,
                             "finding" => finding = Some(value.to_owned()),
+                            "fixed" => fixed = Some(value.to_owned()),
                             "note" => note = Some(value.to_owned()),
                             other => return Err(at(format!("unknown metadata {other:?}"))),
                         }
@@ -170,6 +174,7 @@ fn parse_entry(number: usize, line: usize, lines: &[&str]) -> Result<Option<Entr
         mode,
         allow_b_in_query,
         finding,
+        fixed,
         note,
         payload,
     }))
@@ -1429,7 +1434,7 @@ async fn attack_corpus_never_reaches_another_repo_or_route() {
 
 /// The whole corpus, known findings included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bypass: the known `finding:` entries of tests/attacks/corpus.txt violate the oracle (..;/ path parameters, double encoding, legacy folding, encoded route prefix, Connection: Authorization, credential in a Basic username)"]
+#[ignore = "the remaining `finding:` entries (double encoding) are forwarded by SPEC §5's decode-once rule and violate only the decode-twice reading"]
 async fn attack_corpus_full_replay_including_known_findings() {
     assert_clean(&run(|_| true).await);
 }
@@ -1437,63 +1442,60 @@ async fn attack_corpus_full_replay_including_known_findings() {
 async fn replay_finding(id: &str) {
     let entries = corpus();
     assert!(
-        entries.iter().any(|e| e.finding.as_deref() == Some(id)),
-        "no corpus entry has `finding: {id}`"
+        entries
+            .iter()
+            .any(|e| e.finding.as_deref() == Some(id) || e.fixed.as_deref() == Some(id)),
+        "no corpus entry has `finding: {id}` or `fixed: {id}`"
     );
-    assert_clean(&run(|e| e.finding.as_deref() == Some(id)).await);
+    assert_clean(
+        &run(|e| e.finding.as_deref() == Some(id) || e.fixed.as_deref() == Some(id)).await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bypass: GET /v1/repo/{A}/..;/{B}/file/x is authorized for A and forwarded; a ;-stripping router (Tomcat, Spring, Jetty) routes it to {B}"]
-async fn bypass_dotdot_semicolon_reaches_b_under_param_stripping() {
+async fn fixed_dotdot_semicolon_is_refused() {
     replay_finding("dotdot-semicolon").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bypass: POST /v1/repo/{A}/git;x=1 escapes the POST /git policy; a ;-stripping router runs git"]
-async fn bypass_semicolon_hides_policy_denied_git() {
+async fn fixed_semicolon_cannot_hide_policy_denied_git() {
     replay_finding("semicolon-policy").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bypass: /v1/repo/{A}/file/%252e%252e/%252e%252e/{B} is forwarded; a second decode routes it to {B}"]
-async fn bypass_double_encoded_dot_segments_reach_b() {
+#[ignore = "by SPEC §5 (decode once): /v1/repo/{A}/file/%252e%252e/%252e%252e/{B} is forwarded as the literal text %2e%2e; only a reader that decodes twice reaches {B}, and the upstream decodes once"]
+async fn decode_twice_reading_of_double_encoded_dots_reaches_b() {
     replay_finding("double-decode-traversal").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bypass: POST /v1/repo/{A}/%2567it escapes the POST /git policy under a second decode"]
-async fn bypass_double_encoded_git_escapes_policy() {
+#[ignore = "by SPEC §5 (decode once): POST /v1/repo/{A}/%2567it is the literal operation %67it; only a reader that decodes twice runs git"]
+async fn decode_twice_reading_of_double_encoded_git_escapes_policy() {
     replay_finding("double-decode-policy").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bypass: full-width / leader dots (%ef%bc%8e, %e2%80%a5) are forwarded; an NFKC or IIS best-fit reading turns them into .. and reaches {B}"]
-async fn bypass_unicode_lookalike_dots_reach_b_under_folding() {
+async fn fixed_unicode_lookalike_dots_and_slashes_are_refused() {
     replay_finding("unicode-fold-traversal").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bypass: POST /v1/repo/{A}/GIT and `PoSt …/git` escape the POST /git policy on a case-insensitive router"]
-async fn bypass_case_variants_escape_git_policy() {
+async fn fixed_case_variants_cannot_escape_git_policy() {
     replay_finding("case-insensitive-policy").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bypass: percent-encoded characters of v1/repo/<uuid>/.git are authorized decoded but forwarded encoded; a non-decoding router sees no repo route"]
-async fn bypass_encoded_route_prefix_is_no_repo_route_raw() {
+async fn fixed_encoded_route_prefix_is_refused() {
     replay_finding("encoded-route-prefix").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bypass: `Connection: Authorization` makes the gateway strip the credential it authorized; the upstream gets a request without one"]
-async fn bypass_connection_header_drops_the_credential() {
+async fn fixed_connection_header_cannot_drop_the_credential() {
     replay_finding("connection-drops-credential").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bypass: Basic base64(\"<account key>:<repo token>\") is forwarded, carrying a second credential in the username"]
-async fn bypass_foreign_credential_in_basic_username() {
+async fn fixed_foreign_credential_in_basic_username_is_refused() {
     replay_finding("foreign-credential-in-basic-username").await;
 }
 
