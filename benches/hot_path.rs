@@ -153,8 +153,24 @@ fn bench_metrics(c: &mut Criterion) {
     });
 }
 
+/// The complete refusal answer (status, headers, JSON body) for an out-of-scope request.
+fn bench_refusal(c: &mut Criterion) {
+    use scopegate::refusal::Refusal;
+    let request_id = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
+    c.bench_function("refusal_response/repo_out_of_scope", |b| {
+        b.iter(|| {
+            scopegate::proxy::refusal_response(
+                black_box(Refusal::RepoOutOfScope),
+                false,
+                black_box(&request_id),
+            )
+        })
+    });
+}
+
 criterion_group!(
     benches,
+    bench_refusal,
     bench_classify,
     bench_authorize,
     bench_store_hit,

@@ -34,10 +34,24 @@ pub struct ProxyState {
 }
 
 /// How a connection reached us: the client's address and `http` or `https`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub proto: &'static str,
+    /// The peer's IP as the `X-Forwarded-For` value, rendered once per connection.
+    pub peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, proto: &'static str) -> Self {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            peer,
+            proto,
+            peer_ip,
+        }
+    }
 }
 
 /// Handles one sandbox request. Never fails: every outcome is a response.
@@ -114,9 +128,12 @@ pub(crate) fn upstream_request(
     parts.uri = upstream
         .uri_for(parts.uri.path_and_query())
         .map_err(|_| Refusal::BadPath)?;
-    let peer_ip = HeaderValue::from_str(&conn.peer.ip().to_string())
-        .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-    prepare_request_headers(&mut parts.headers, peer_ip, conn.proto, record.request_id());
+    prepare_request_headers(
+        &mut parts.headers,
+        conn.peer_ip.clone(),
+        conn.proto,
+        record.request_id(),
+    );
     parts.headers.insert(HOST, upstream.host().clone());
     let bytes_in = Arc::new(AtomicU64::new(0));
     let body = CountingBody::new(body, bytes_in.clone(), metrics.clone(), Direction::Request);
@@ -207,12 +224,20 @@ pub fn json_error(
     message: &str,
     request_id: &HeaderValue,
 ) -> Response<Bytes> {
-    let body = serde_json::json!({
-        "error": message,
-        "code": code,
-        "request_id": request_id.to_str().unwrap_or(""),
-    });
-    let mut response = Response::new(Bytes::from(body.to_string()));
+    /// SPEC §4's body; borrowed fields, serialized straight into one buffer.
+    #[derive(serde::Serialize)]
+    struct ErrorBody<'a> {
+        error: &'a str,
+        code: &'a str,
+        request_id: &'a str,
+    }
+    let body = ErrorBody {
+        error: message,
+        code,
+        request_id: request_id.to_str().unwrap_or(""),
+    };
+    // Serializing three strings cannot fail; an empty body would still carry the status.
+    let mut response = Response::new(Bytes::from(serde_json::to_vec(&body).unwrap_or_default()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -105,10 +105,11 @@ pub async fn serve<H, F>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn_info = ConnInfo { peer, proto };
+        let conn_info = ConnInfo::new(peer, proto);
         let handler = handler.clone();
         let service = service_fn(move |req| {
             let handler = handler.clone();
+            let conn_info = conn_info.clone();
             async move { Ok::<_, Infallible>(handler(req, conn_info).await) }
         });
         let builder = builder.clone();
