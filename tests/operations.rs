@@ -11,7 +11,6 @@ mod support;
 use support::*;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -21,15 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::service::service_fn;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 // ---------------------------------------------------------------------------------------
 // helpers: processes, signals, polling
@@ -254,36 +252,6 @@ fn server_config(cert_pem: &str, key_pem: &str) -> rustls::ServerConfig {
     .expect("server config");
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config
-}
-
-/// A TLS upstream answering every request with the HTTP version, path and credential it
-/// saw; returns its address.
-async fn tls_upstream(config: rustls::ServerConfig) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let body = serde_json::json!({
-                        "version": format!("{:?}", req.version()),
-                        "path": req.uri().path(),
-                        "authorization": req.headers().get("authorization").and_then(|v| v.to_str().ok()),
-                    });
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body.to_string()))))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    addr
 }
 
 /// A certificate and key written to `dir/tls.crt` and `dir/tls.key` (rewritten in place

@@ -11,53 +11,12 @@ use proptest::prelude::*;
 use scopegate::request::parse_raw_path;
 use uuid::Uuid;
 
+#[path = "support/readings.rs"]
+mod readings;
+use readings::{decode, remove_dot_segments};
+
 const A: &str = "3f2c9a1e-7b4d-4e8a-9c6f-1a2b3c4d5e6f";
 const B: &str = "8e1d2c3b-4a59-4f6e-8d7c-6b5a49382716";
-
-/// RFC 3986 §5.2.4 remove_dot_segments.
-fn remove_dot_segments(path: &str) -> String {
-    let mut input = path.to_owned();
-    let mut output = String::new();
-    while !input.is_empty() {
-        if let Some(rest) = input.strip_prefix("../") {
-            input = rest.to_owned();
-        } else if let Some(rest) = input.strip_prefix("./") {
-            input = rest.to_owned();
-        } else if input.starts_with("/./") {
-            input = input[2..].to_owned();
-        } else if input == "/." {
-            input = "/".to_owned();
-        } else if input.starts_with("/../") {
-            input = input[3..].to_owned();
-            truncate_last_segment(&mut output);
-        } else if input == "/.." {
-            input = "/".to_owned();
-            truncate_last_segment(&mut output);
-        } else if input == "." || input == ".." {
-            input.clear();
-        } else {
-            let start = usize::from(input.starts_with('/'));
-            let end = input[start..].find('/').map_or(input.len(), |i| i + start);
-            output.push_str(&input[..end]);
-            input = input[end..].to_owned();
-        }
-    }
-    output
-}
-
-fn truncate_last_segment(output: &mut String) {
-    match output.rfind('/') {
-        Some(i) => output.truncate(i),
-        None => output.clear(),
-    }
-}
-
-/// Full percent-decoding, once (invalid escapes kept literally, as lenient decoders do).
-fn decode(path: &str) -> String {
-    percent_encoding::percent_decode_str(path)
-        .decode_utf8_lossy()
-        .into_owned()
-}
 
 /// The repo a reading routes to: `Some(Some(id))` for `/v1/repo/<id>[.git]…`,
 /// `Some(None)` for any other route.

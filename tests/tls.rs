@@ -3,19 +3,17 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::service::service_fn;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use support::*;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// A self-signed certificate for 127.0.0.1, written as PEM files.
 struct TestCert {
@@ -81,39 +79,10 @@ impl TestCert {
     }
 }
 
-/// A minimal TLS upstream that answers every request with the HTTP version it saw.
-async fn tls_upstream(cert: &TestCert) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cert.server_config()));
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let body = serde_json::json!({
-                        "version": format!("{:?}", req.version()),
-                        "path": req.uri().path(),
-                        "authorization": req.headers().get("authorization").and_then(|v| v.to_str().ok()),
-                    });
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body.to_string()))))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_tls_trusts_ca_file_and_speaks_h2_by_alpn() {
     let cert = TestCert::new();
-    let upstream = tls_upstream(&cert).await;
+    let upstream = tls_upstream(cert.server_config()).await;
     let url = format!("https://127.0.0.1:{}", upstream.port());
     let gw = Gateway::builder(&url)
         .set("upstream.ca_file", &format!("\"{}\"", cert.cert_path()))
@@ -133,7 +102,7 @@ async fn upstream_tls_trusts_ca_file_and_speaks_h2_by_alpn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_with_an_untrusted_certificate_is_unavailable() {
     let cert = TestCert::new();
-    let upstream = tls_upstream(&cert).await;
+    let upstream = tls_upstream(cert.server_config()).await;
     let gw = Gateway::builder(&format!("https://127.0.0.1:{}", upstream.port()))
         .start()
         .await;

@@ -7,8 +7,12 @@ pub mod assertions;
 pub mod fake_relace;
 pub mod gateway;
 pub mod raw;
+pub mod readings;
+pub mod tls_upstream;
 
 pub use assertions::*;
 pub use fake_relace::{pattern_sha256, FakeRelace, Recorded, ACCOUNT_KEY};
 pub use gateway::*;
 pub use raw::{body_text, call, call_with_auth, post_json, sha_hex, RawResponse};
+pub use readings::{decode, remove_dot_segments};
+pub use tls_upstream::tls_upstream;
