@@ -9,7 +9,9 @@ use http::{HeaderMap, HeaderValue, Method, Uri, Version};
 use scopegate::metrics::Metrics;
 use scopegate::policy::OperationPolicy;
 use scopegate::request::{classify, ClassifyOptions};
-use scopegate::scope::{EmbeddedStore, ScopeEntry, ScopeTable, Source, Store, TokenDigest};
+use scopegate::scope::{
+    EmbeddedStore, ScopeEntry, ScopeTable, Source, Store, TableSettings, TokenDigest,
+};
 
 const TOKEN: &str = "rlcr-9f86d081884c7d659a2feaa0c55ad015a3bf4f1b";
 const REPO: &str = "3f2c9a1e-7b4d-4e8a-9c6f-1a2b3c4d5e6f";
@@ -64,26 +66,32 @@ fn bench_classify(c: &mut Criterion) {
     group.finish();
 }
 
+/// The decision for a known, in-scope token: with the memory store (read directly) and
+/// with the embedded store (served from the moka cache once warm).
 fn bench_authorize(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .expect("runtime");
-    let scopes = runtime.block_on(ScopeTable::in_memory(
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = TableSettings {
+        cache_capacity: 1000,
+        negative_ttl: std::time::Duration::from_secs(10),
+        revalidate_after: std::time::Duration::from_secs(60),
+    };
+    let memory = runtime.block_on(ScopeTable::in_memory(
         1000,
         Metrics::new().expect("metrics"),
     ));
-    let repo = uuid::Uuid::parse_str(REPO).expect("uuid");
-    runtime
-        .block_on(scopes.learn(
-            TokenDigest::of(TOKEN),
-            ScopeEntry {
-                name: "bench".into(),
-                repo_ids: vec![repo],
-                expires_at: None,
-                source: Source::Admin,
-            },
+    let embedded = runtime
+        .block_on(ScopeTable::open(
+            settings,
+            Store::Embedded(EmbeddedStore::open(&dir.path().join("a.db")).expect("open")),
+            None,
+            Metrics::new().expect("metrics"),
         ))
-        .expect("learn");
+        .expect("table");
+    let repo = uuid::Uuid::parse_str(REPO).expect("uuid");
     let uri: Uri = format!("/v1/repo/{REPO}/search").parse().expect("uri");
     let target = classify(
         &Method::POST,
@@ -94,9 +102,22 @@ fn bench_authorize(c: &mut Criterion) {
     )
     .outcome
     .expect("target");
-    c.bench_function("authorize/cached_permit", |b| {
-        b.iter(|| runtime.block_on(scopes.authorize(black_box(&target), || None)))
-    });
+    for (name, scopes) in [("memory_store", &memory), ("embedded_cache_hit", &embedded)] {
+        runtime
+            .block_on(scopes.learn(
+                TokenDigest::of(TOKEN),
+                ScopeEntry {
+                    name: "bench".into(),
+                    repo_ids: vec![repo],
+                    expires_at: None,
+                    source: Source::Admin,
+                },
+            ))
+            .expect("learn");
+        c.bench_function(&format!("authorize/{name}"), |b| {
+            b.iter(|| runtime.block_on(scopes.authorize(black_box(&target), || None)))
+        });
+    }
 }
 
 /// A store hit: what a cache miss costs before introspection, per backend.

@@ -289,12 +289,10 @@ impl ScopeTable {
                             Ok::<(), ()>(())
                         })
                         .await;
-                    match self.cache.get(&digest).await {
-                        Some(Cached::Known(Record::Active(fresh))) => active = fresh,
-                        Some(Cached::Known(Record::Revoked(_))) => {
-                            return Err(Refusal::TokenRevoked)
-                        }
-                        _ => {}
+                    match self.current(&digest).await {
+                        Some(Record::Active(fresh)) => active = fresh,
+                        Some(Record::Revoked(_)) => return Err(Refusal::TokenRevoked),
+                        None => {}
                     }
                 }
             }
@@ -314,6 +312,27 @@ impl ScopeTable {
         })
     }
 
+    /// The freshest record this replica holds for a digest, without asking upstream.
+    async fn current(&self, digest: &TokenDigest) -> Option<Record> {
+        if self.store.is_memory() {
+            return self.store.get(digest).await.ok().flatten();
+        }
+        match self.cache.get(digest).await {
+            Some(Cached::Known(record)) => Some(record),
+            _ => None,
+        }
+    }
+
+    /// Makes a record written to the store visible to the next lookup: cached, or (with
+    /// the memory store, which lookups read directly) any older cache entry dropped.
+    async fn remember(&self, digest: TokenDigest, record: Record) {
+        if self.store.is_memory() {
+            self.cache.invalidate(&digest).await;
+        } else {
+            self.cache.insert(digest, Cached::Known(record)).await;
+        }
+    }
+
     /// Cache, then (once per digest, however many ask at the same time) store and
     /// introspection. Failures are not cached.
     async fn lookup<F>(
@@ -324,6 +343,16 @@ impl ScopeTable {
     where
         F: FnOnce() -> Option<TokenSecret>,
     {
+        // With the memory store the store is itself the in-memory tier: read it directly
+        // (and count it as the cache), so entries are not held twice. The moka cache then
+        // holds only negative and in-flight lookups.
+        if self.store.is_memory() {
+            if let Ok(Some(record)) = self.store.get(&digest).await {
+                self.metrics
+                    .scope_lookup(LookupTier::Cache, LookupResult::Hit);
+                return Ok(Cached::Known(record));
+            }
+        }
         if let Some(cached) = self.cache.get(&digest).await {
             self.metrics
                 .scope_lookup(LookupTier::Cache, LookupResult::Hit);
@@ -448,7 +477,7 @@ impl ScopeTable {
                 if let Err(error) = self.store.put(digest, record.clone()).await {
                     tracing::warn!(%error, "could not store a revalidated scope");
                 }
-                self.cache.insert(digest, Cached::Known(record)).await;
+                self.remember(digest, record).await;
                 true
             }
             Some(Answer::Unknown) => {
@@ -483,7 +512,7 @@ impl ScopeTable {
             .put(digest, record.clone())
             .await
             .map_err(LearnError::Store)?;
-        self.cache.insert(digest, Cached::Known(record)).await;
+        self.remember(digest, record).await;
         if previous.is_none() {
             self.active.fetch_add(1, Ordering::Relaxed);
         }
@@ -508,7 +537,7 @@ impl ScopeTable {
             retain_until,
         });
         self.store.put(digest, record.clone()).await?;
-        self.cache.insert(digest, Cached::Known(record)).await;
+        self.remember(digest, record).await;
         let was_active = matches!(previous, Some(Record::Active(_)));
         if was_active {
             self.active.fetch_sub(1, Ordering::Relaxed);

@@ -44,6 +44,10 @@ impl Store {
         Store::Memory(RwLock::new(HashMap::new()))
     }
 
+    pub fn is_memory(&self) -> bool {
+        matches!(self, Store::Memory(_))
+    }
+
     pub async fn get(&self, digest: &TokenDigest) -> Result<Option<Record>, StoreError> {
         match self {
             Store::Memory(map) => Ok(read(map).get(digest).cloned()),
