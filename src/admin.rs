@@ -15,7 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::body::{CountingBody, ResponseBody};
+use crate::body::{BodyStats, CountingBody, ResponseBody};
 use crate::headers::{request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::metrics::{Decision, Direction, Listener, Metrics};
 use crate::observe::RequestRecord;
@@ -473,7 +473,7 @@ async fn passthrough(
 async fn learn_from_mint(
     state: &AdminState,
     response: Response<Incoming>,
-    bytes_in: Arc<std::sync::atomic::AtomicU64>,
+    bytes_in: Arc<BodyStats>,
     mut record: RequestRecord,
 ) -> Response<ResponseBody> {
     let declared_len = response
@@ -490,7 +490,7 @@ async fn learn_from_mint(
     let (mut parts, body) = response.into_parts();
     let counted = CountingBody::new(
         body,
-        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        BodyStats::new(),
         state.metrics.clone(),
         Direction::Response,
     );
@@ -523,7 +523,7 @@ async fn learn_from_mint(
         .insert(X_REQUEST_ID.clone(), record.request_id().clone());
     record.set_status(parts.status.as_u16());
     record.set_decision(Decision::Allowed);
-    let out = Arc::new(std::sync::atomic::AtomicU64::new(bytes.len() as u64));
+    let out = BodyStats::complete(bytes.len() as u64);
     record.set_byte_counters(bytes_in, out);
     Response::from_parts(parts, ResponseBody::full(bytes, Some(record)))
 }

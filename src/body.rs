@@ -3,7 +3,7 @@
 //! streams and downloads are measured to their real end without ever being buffered.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -16,23 +16,53 @@ use pin_project_lite::pin_project;
 use crate::metrics::{Direction, Metrics};
 use crate::observe::RequestRecord;
 
+/// What one body did: bytes that passed, and whether it failed (the peer broke off, or
+/// framed it wrongly). Shared between the body and the request's record.
+#[derive(Debug, Default)]
+pub struct BodyStats {
+    bytes: AtomicU64,
+    failed: AtomicBool,
+}
+
+impl BodyStats {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Stats of a body scopegate already holds whole.
+    pub fn complete(bytes: u64) -> Arc<Self> {
+        Arc::new(Self {
+            bytes: AtomicU64::new(bytes),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
 pin_project! {
-    /// Passes frames through unchanged, adding each data frame's length to a shared
-    /// counter (for the log line) and to the body-bytes metric.
+    /// Passes frames through unchanged, adding each data frame's length to the shared
+    /// stats (for the log line) and to the body-bytes metric, and noting a failure.
     pub struct CountingBody<B> {
         #[pin]
         inner: B,
-        counter: Arc<AtomicU64>,
+        stats: Arc<BodyStats>,
         metrics: Metrics,
         direction: Direction,
     }
 }
 
 impl<B> CountingBody<B> {
-    pub fn new(inner: B, counter: Arc<AtomicU64>, metrics: Metrics, direction: Direction) -> Self {
+    pub fn new(inner: B, stats: Arc<BodyStats>, metrics: Metrics, direction: Direction) -> Self {
         Self {
             inner,
-            counter,
+            stats,
             metrics,
             direction,
         }
@@ -49,12 +79,16 @@ impl<B: Body<Data = Bytes>> Body for CountingBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                let n = data.len() as u64;
-                this.counter.fetch_add(n, Ordering::Relaxed);
-                this.metrics.body_bytes(*this.direction, n);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    this.stats.bytes.fetch_add(n, Ordering::Relaxed);
+                    this.metrics.body_bytes(*this.direction, n);
+                }
             }
+            Poll::Ready(Some(Err(_))) => this.stats.failed.store(true, Ordering::Relaxed),
+            _ => {}
         }
         polled
     }

@@ -1,12 +1,12 @@
 //! The per-request record: one metrics update and one structured log line, emitted once
 //! when the response body is finished (SPEC §9, §10).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::{HeaderValue, Method};
 
+use crate::body::BodyStats;
 use crate::metrics::{Decision, InflightGuard, Listener, Metrics};
 use crate::scope::{Permit, TokenId};
 
@@ -22,8 +22,8 @@ pub struct RequestRecord {
     permit: Option<Permit>,
     decision: Decision,
     status: u16,
-    bytes_in: Option<Arc<AtomicU64>>,
-    bytes_out: Option<Arc<AtomicU64>>,
+    bytes_in: Option<Arc<BodyStats>>,
+    bytes_out: Option<Arc<BodyStats>>,
     /// Bytes of a body scopegate wrote itself (refusals), known up front.
     own_bytes_out: u64,
     aborted: bool,
@@ -82,7 +82,7 @@ impl RequestRecord {
         self.status = status;
     }
 
-    pub fn set_byte_counters(&mut self, bytes_in: Arc<AtomicU64>, bytes_out: Arc<AtomicU64>) {
+    pub fn set_byte_counters(&mut self, bytes_in: Arc<BodyStats>, bytes_out: Arc<BodyStats>) {
         self.bytes_in = Some(bytes_in);
         self.bytes_out = Some(bytes_out);
     }
@@ -100,7 +100,7 @@ impl RequestRecord {
         let elapsed = self.start.elapsed();
         self.metrics
             .request_done(self.listener, self.decision, elapsed);
-        let read = |c: &Option<Arc<AtomicU64>>| c.as_ref().map_or(0, |c| c.load(Ordering::Relaxed));
+        let read = |c: &Option<Arc<BodyStats>>| c.as_ref().map_or(0, |c| c.bytes());
         let token_id = self.token_id.as_ref().map(TokenId::as_str).unwrap_or("");
         let token_name = self
             .permit

@@ -3,7 +3,6 @@
 //! response.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,7 +11,7 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use crate::body::{CountingBody, ResponseBody, UpstreamBody};
+use crate::body::{BodyStats, CountingBody, ResponseBody, UpstreamBody};
 use crate::headers::{prepare_request_headers, request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::metrics::{Decision, Direction, Listener, Metrics};
 use crate::observe::RequestRecord;
@@ -110,6 +109,9 @@ async fn forward(
         };
     match state.upstream.send(upstream_req).await {
         Ok(response) => stream_response(response, &state.metrics, bytes_in, record),
+        // The exchange failed because the client's own body did (cut off, or chunk
+        // framing hyper rejected): the client's fault, not the upstream's.
+        Err(_) if bytes_in.failed() => refuse(Refusal::BadRequestBody, false, record),
         Err(refusal) => refuse(refusal, false, record),
     }
 }
@@ -123,7 +125,7 @@ pub(crate) fn upstream_request(
     req: Request<Incoming>,
     conn: ConnInfo,
     record: &RequestRecord,
-) -> Result<(Request<UpstreamBody>, Arc<AtomicU64>), Refusal> {
+) -> Result<(Request<UpstreamBody>, Arc<BodyStats>), Refusal> {
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream
         .uri_for(parts.uri.path_and_query())
@@ -135,7 +137,7 @@ pub(crate) fn upstream_request(
         record.request_id(),
     );
     parts.headers.insert(HOST, upstream.host().clone());
-    let bytes_in = Arc::new(AtomicU64::new(0));
+    let bytes_in = BodyStats::new();
     let body = CountingBody::new(body, bytes_in.clone(), metrics.clone(), Direction::Request);
     Ok((Request::from_parts(parts, Either::Left(body)), bytes_in))
 }
@@ -145,7 +147,7 @@ pub(crate) fn upstream_request(
 pub(crate) fn stream_response(
     response: Response<Incoming>,
     metrics: &Metrics,
-    bytes_in: Arc<AtomicU64>,
+    bytes_in: Arc<BodyStats>,
     mut record: RequestRecord,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
@@ -155,7 +157,7 @@ pub(crate) fn stream_response(
         .insert(X_REQUEST_ID.clone(), record.request_id().clone());
     record.set_status(parts.status.as_u16());
     record.set_decision(Decision::Allowed);
-    let bytes_out = Arc::new(AtomicU64::new(0));
+    let bytes_out = BodyStats::new();
     record.set_byte_counters(bytes_in, bytes_out.clone());
     let body = CountingBody::new(body, bytes_out, metrics.clone(), Direction::Response);
     Response::from_parts(parts, ResponseBody::streamed(body, Some(record)))
@@ -184,7 +186,7 @@ pub fn refusal_response(
     request_id: &HeaderValue,
 ) -> Response<Bytes> {
     let status = match refusal {
-        Refusal::BadPath => StatusCode::BAD_REQUEST,
+        Refusal::BadPath | Refusal::BadRequestBody => StatusCode::BAD_REQUEST,
         Refusal::MissingCredentials { .. }
         | Refusal::MalformedCredentials
         | Refusal::UnknownToken

@@ -33,11 +33,14 @@ pub enum Refusal {
     UpstreamUnavailable,
     /// The upstream sent no response head within `upstream.response_header_timeout`.
     UpstreamTimeout,
+    /// The client's request body broke off or was malformed (chunk framing) before it
+    /// was complete.
+    BadRequestBody,
 }
 
 impl Refusal {
     /// Every variant, in decision order; used to pre-resolve metric label children.
-    pub const ALL: [Refusal; 13] = [
+    pub const ALL: [Refusal; 14] = [
         Refusal::BadPath,
         Refusal::MissingCredentials { git: false },
         Refusal::MalformedCredentials,
@@ -51,6 +54,7 @@ impl Refusal {
         Refusal::ScopeUnavailable,
         Refusal::UpstreamUnavailable,
         Refusal::UpstreamTimeout,
+        Refusal::BadRequestBody,
     ];
 
     /// The machine-readable `code` of SPEC §4 (also the `decision` metric label).
@@ -69,6 +73,7 @@ impl Refusal {
             Refusal::ScopeUnavailable => "scope_unavailable",
             Refusal::UpstreamUnavailable => "upstream_unavailable",
             Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::BadRequestBody => "bad_request",
         }
     }
 
@@ -88,6 +93,7 @@ impl Refusal {
             Refusal::ScopeUnavailable => 10,
             Refusal::UpstreamUnavailable => 11,
             Refusal::UpstreamTimeout => 12,
+            Refusal::BadRequestBody => 13,
         }
     }
 
@@ -132,6 +138,9 @@ impl Refusal {
             Refusal::UpstreamUnavailable => "the Relace API could not be reached; retry shortly",
             Refusal::UpstreamTimeout => {
                 "the Relace API did not answer in time; retry shortly"
+            }
+            Refusal::BadRequestBody => {
+                "the request body was cut off or malformed; send it again complete"
             }
         }
     }

@@ -140,3 +140,36 @@ async fn thousands_of_idle_keep_alive_connections_beside_live_traffic() {
     }
     drop(idle);
 }
+
+/// A client whose chunked body is malformed gets a 400 (its own fault), not a 502 that
+/// would blame the upstream and invite a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_request_body_is_the_clients_fault() {
+    let fake = FakeRelace::start().await;
+    let gw = Gateway::start(&fake).await;
+    let token = gw.token_for(&[REPO_A]).await;
+    let mut s = TcpStream::connect(gw.proxy).await.expect("connect");
+    let head = format!(
+        "PUT /v1/repo/{REPO_A}/file/a.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    s.write_all(b"4\r\nabcd\r\nzz-not-a-size\r\n")
+        .await
+        .expect("body");
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw)).await;
+    let r = support::raw::parse_response(&raw);
+    assert_refused(&r, 400, "bad_request");
+    // The gateway keeps serving, and counts it under its own code.
+    let ok = call_with_auth(gw.proxy, "GET", &file_url(REPO_A), &bearer(&token)).await;
+    assert_eq!(ok.status, 200);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "scopegate_requests_total{decision=\"bad_request\",listener=\"proxy\"}"
+        ),
+        1.0
+    );
+}

@@ -396,6 +396,7 @@ const DECISIONS: &[&str] = &[
     "scope_unavailable",
     "upstream_unavailable",
     "upstream_timeout",
+    "bad_request",
 ];
 /// SPEC §9: `2xx`…`5xx`, `error`, `timeout`, and nothing else.
 const CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx", "error", "timeout"];
