@@ -16,10 +16,12 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::body::{BodyStats, CountingBody, ResponseBody};
-use crate::headers::{request_id, strip_hop_by_hop, X_REQUEST_ID};
-use crate::metrics::{Decision, Direction, Listener, Metrics};
+use crate::headers::{request_id, X_REQUEST_ID};
+use crate::metrics::{Direction, Listener, Metrics};
 use crate::observe::RequestRecord;
-use crate::proxy::{json_error, refuse, stream_response, upstream_request, ConnInfo};
+use crate::proxy::{
+    forwarded_head, json_error, refuse, stream_response, upstream_request, ConnInfo,
+};
 use crate::refusal::Refusal;
 use crate::request::{is_well_formed_repo_token, REPO_TOKEN_PREFIX};
 use crate::runtime::LiveSettings;
@@ -516,13 +518,9 @@ async fn learn_from_mint(
             tracing::warn!(problem, "mint answer not understood; token not learned");
         }
     }
-    strip_hop_by_hop(&mut parts.headers);
+    forwarded_head(&mut parts, &mut record);
+    // The body is now whole in memory; hyper sets the length from it.
     parts.headers.remove(CONTENT_LENGTH);
-    parts
-        .headers
-        .insert(X_REQUEST_ID.clone(), record.request_id().clone());
-    record.set_status(parts.status.as_u16());
-    record.set_decision(Decision::Allowed);
     let out = BodyStats::complete(bytes.len() as u64);
     record.set_byte_counters(bytes_in, out);
     Response::from_parts(parts, ResponseBody::full(bytes, Some(record)))

@@ -151,16 +151,22 @@ pub(crate) fn stream_response(
     mut record: RequestRecord,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
+    forwarded_head(&mut parts, &mut record);
+    let bytes_out = BodyStats::new();
+    record.set_byte_counters(bytes_in, bytes_out.clone());
+    let body = CountingBody::new(body, bytes_out, metrics.clone(), Direction::Response);
+    Response::from_parts(parts, ResponseBody::streamed(body, Some(record)))
+}
+
+/// The upstream's response head as the client gets it: hop-by-hop headers out, the
+/// request id in, and the record marked allowed with the upstream's status.
+pub(crate) fn forwarded_head(parts: &mut http::response::Parts, record: &mut RequestRecord) {
     strip_hop_by_hop(&mut parts.headers);
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), record.request_id().clone());
     record.set_status(parts.status.as_u16());
     record.set_decision(Decision::Allowed);
-    let bytes_out = BodyStats::new();
-    record.set_byte_counters(bytes_in, bytes_out.clone());
-    let body = CountingBody::new(body, bytes_out, metrics.clone(), Direction::Response);
-    Response::from_parts(parts, ResponseBody::streamed(body, Some(record)))
 }
 
 /// Answers a refusal and records it.
