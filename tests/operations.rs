@@ -24,7 +24,7 @@ use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -236,22 +236,6 @@ async fn tls_connect(
     tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
         .await
         .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
-}
-
-/// A rustls server config (ALPN h2, http/1.1) from PEM text.
-fn server_config(cert_pem: &str, key_pem: &str) -> rustls::ServerConfig {
-    let certs = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("cert")];
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .expect("server config");
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config
 }
 
 /// A certificate and key written to `dir/tls.crt` and `dir/tls.key` (rewritten in place

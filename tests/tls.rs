@@ -11,7 +11,7 @@ use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName};
 use support::*;
 use tokio::net::TcpStream;
 
@@ -48,18 +48,7 @@ impl TestCert {
     }
 
     fn server_config(&self) -> rustls::ServerConfig {
-        let certs = vec![CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).expect("cert")];
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("key");
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("server config");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        config
+        server_config(&self.cert_pem, &self.key_pem)
     }
 
     fn client_config(&self, alpn: &[&[u8]]) -> rustls::ClientConfig {

@@ -15,4 +15,4 @@ pub use fake_relace::{pattern_sha256, FakeRelace, Recorded, ACCOUNT_KEY};
 pub use gateway::*;
 pub use raw::{body_text, call, call_with_auth, post_json, sha_hex, RawResponse};
 pub use readings::{decode, remove_dot_segments};
-pub use tls_upstream::tls_upstream;
+pub use tls_upstream::{server_config, tls_upstream};

@@ -41,3 +41,21 @@ pub async fn tls_upstream(config: rustls::ServerConfig) -> SocketAddr {
     });
     addr
 }
+
+/// A rustls server config (ALPN h2, http/1.1) from PEM text.
+pub fn server_config(cert_pem: &str, key_pem: &str) -> rustls::ServerConfig {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("cert")];
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config
+}
