@@ -286,6 +286,9 @@ impl Metrics {
 
     /// One call per finished request.
     pub fn request_done(&self, listener: Listener, decision: Decision, elapsed: Duration) {
+        if PER_REQUEST_OFF {
+            return;
+        }
         let l = listener.index();
         self.inner.requests[l][decision.index()].inc();
         let outcome = match decision {
@@ -296,6 +299,9 @@ impl Metrics {
     }
 
     pub fn upstream_answered(&self, class: UpstreamClass, elapsed: Option<Duration>) {
+        if PER_REQUEST_OFF {
+            return;
+        }
         self.inner.upstream_responses[class.index()].inc();
         if let Some(elapsed) = elapsed {
             self.inner.upstream_duration.observe(elapsed.as_secs_f64());
@@ -303,6 +309,9 @@ impl Metrics {
     }
 
     pub fn scope_lookup(&self, tier: LookupTier, result: LookupResult) {
+        if PER_REQUEST_OFF {
+            return;
+        }
         self.inner.scope_lookups[tier as usize][result as usize].inc();
     }
 
@@ -320,12 +329,18 @@ impl Metrics {
 
     /// Counts a request in flight until the returned guard drops.
     pub fn inflight(&self, listener: Listener) -> InflightGuard {
+        if PER_REQUEST_OFF {
+            return InflightGuard(None);
+        }
         let gauge = self.inner.inflight[listener.index()].clone();
         gauge.inc();
-        InflightGuard(gauge)
+        InflightGuard(Some(gauge))
     }
 
     pub fn body_bytes(&self, direction: Direction, n: u64) {
+        if PER_REQUEST_OFF {
+            return;
+        }
         self.inner.body_bytes[direction as usize].inc_by(n);
     }
 
@@ -354,13 +369,19 @@ impl Metrics {
 }
 
 /// Decrements the in-flight gauge when the request (including its body) is done.
-pub struct InflightGuard(IntGauge);
+pub struct InflightGuard(Option<IntGauge>);
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        if let Some(gauge) = &self.0 {
+            gauge.dec();
+        }
     }
 }
+
+/// The `bench-metrics-off` build (only for `scripts/bench`'s metrics on/off comparison)
+/// records nothing per request; the families still exist, so `/metrics` keeps its shape.
+const PER_REQUEST_OFF: bool = cfg!(feature = "bench-metrics-off");
 
 /// 100 µs (a local refusal) to 60 s (long uploads and agent runs; longer lands in +Inf).
 const DURATION_BUCKETS: [f64; 18] = [

@@ -66,6 +66,21 @@ impl EmbeddedStore {
         tx.commit().map_err(StoreError::from_display)
     }
 
+    /// Writes many records in one transaction (bulk imports, benchmark seeding).
+    pub fn put_all(&self, records: &[(TokenDigest, Record)]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(StoreError::from_display)?;
+        {
+            let mut table = tx.open_table(RECORDS).map_err(StoreError::from_display)?;
+            for (digest, record) in records {
+                let bytes = codec::encode(record);
+                table
+                    .insert(digest.as_bytes().as_slice(), bytes.as_slice())
+                    .map_err(StoreError::from_display)?;
+            }
+        }
+        tx.commit().map_err(StoreError::from_display)
+    }
+
     /// Removes records in one transaction (sweeping).
     pub fn remove_all(&self, digests: &[TokenDigest]) -> Result<(), StoreError> {
         if digests.is_empty() {
