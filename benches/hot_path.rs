@@ -10,7 +10,8 @@ use scopegate::metrics::Metrics;
 use scopegate::policy::OperationPolicy;
 use scopegate::request::{classify, ClassifyOptions};
 use scopegate::scope::{
-    EmbeddedStore, ScopeEntry, ScopeTable, Source, Store, TableSettings, TokenDigest,
+    EmbeddedStore, FanoutHealth, RedisStore, ScopeEntry, ScopeTable, Source, Store, TableSettings,
+    TokenDigest,
 };
 
 const TOKEN: &str = "rlcr-9f86d081884c7d659a2feaa0c55ad015a3bf4f1b";
@@ -78,6 +79,7 @@ fn bench_authorize(c: &mut Criterion) {
         cache_capacity: 1000,
         negative_ttl: std::time::Duration::from_secs(10),
         revalidate_after: std::time::Duration::from_secs(60),
+        max_staleness: std::time::Duration::from_secs(30),
     };
     let memory = runtime.block_on(ScopeTable::in_memory(
         1000,
@@ -85,7 +87,7 @@ fn bench_authorize(c: &mut Criterion) {
     ));
     let embedded = runtime
         .block_on(ScopeTable::open(
-            settings,
+            settings.clone(),
             Store::Embedded(EmbeddedStore::open(&dir.path().join("a.db")).expect("open")),
             None,
             Metrics::new().expect("metrics"),
@@ -102,7 +104,40 @@ fn bench_authorize(c: &mut Criterion) {
     )
     .outcome
     .expect("target");
-    for (name, scopes) in [("memory_store", &memory), ("embedded_cache_hit", &embedded)] {
+    // The shared store, when a redis-server can be started here: a cache hit must cost
+    // what it costs with the embedded store (no network on the hot path).
+    let redis = RedisServer::start();
+    let redis_table = redis.as_ref().map(|server| {
+        let health = FanoutHealth::new(Metrics::new().expect("metrics"));
+        let store = RedisStore::new(&server.url(), health.clone()).expect("redis url");
+        let table = runtime
+            .block_on(ScopeTable::open(
+                settings.clone(),
+                Store::Redis(store),
+                None,
+                Metrics::new().expect("metrics"),
+            ))
+            .expect("table");
+        // Wait (bounded) until the replica is subscribed, so hits are trusted.
+        for _ in 0..100 {
+            if health.is_subscribed() {
+                break;
+            }
+            runtime.block_on(tokio::time::sleep(std::time::Duration::from_millis(50)));
+        }
+        assert!(
+            health.is_subscribed(),
+            "no subscription to the bench's redis-server"
+        );
+        table
+    });
+    let mut tables = vec![("memory_store", &memory), ("embedded_cache_hit", &embedded)];
+    if let Some(table) = &redis_table {
+        tables.push(("redis_cache_hit", table));
+    } else {
+        eprintln!("authorize/redis_cache_hit skipped: redis-server is not installed");
+    }
+    for (name, scopes) in tables {
         runtime
             .block_on(scopes.learn(
                 TokenDigest::of(TOKEN),
@@ -198,3 +233,45 @@ criterion_group!(
     bench_metrics
 );
 criterion_main!(benches);
+
+/// A throwaway `redis-server` on a free loopback port for the Redis variant; `None` when
+/// the binary is not installed.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start() -> Option<RedisServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .ok()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let server = RedisServer { child, port };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(server);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        None
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -520,8 +520,17 @@ pub fn validate(raw: &RawConfig, env: &ExtraEnv) -> Result<Config, ConfigErrors>
         "embedded" => Some(StoreKind::Embedded),
         "memory" => Some(StoreKind::Memory),
         "redis" => {
-            p.push("scopes.store: \"redis\" is not available in this build yet; use \"embedded\" or \"memory\"");
-            None
+            match raw.scopes.redis_url.as_deref().map(str::trim) {
+                None | Some("") => p.push(
+                    "scopes.redis_url: required with store = \"redis\" (e.g. \"redis://redis:6379/0\"; \
+                     SCOPEGATE_SCOPES__REDIS_URL from a Secret when it holds a password)",
+                ),
+                Some(url) if !(url.starts_with("redis://") || url.starts_with("rediss://")) => p.push(
+                    "scopes.redis_url: must start with redis:// or rediss://",
+                ),
+                Some(_) => {}
+            }
+            Some(StoreKind::Redis)
         }
         other => {
             p.push(format!(

@@ -53,7 +53,7 @@ use crate::metrics::Metrics;
 use crate::proxy::ProxyState;
 use crate::runtime::{LiveSettings, Settings, TlsAcceptors, TlsSlot};
 use crate::scope::introspect::Introspector;
-use crate::scope::{EmbeddedStore, ScopeTable, Store, TableSettings};
+use crate::scope::{EmbeddedStore, FanoutHealth, RedisStore, ScopeTable, Store, TableSettings};
 use crate::upstream::Upstream;
 
 /// The two bound listeners. Binding is the caller's job so tests can use port 0.
@@ -289,7 +289,11 @@ async fn open_scopes(
                 .with_context(|| format!("scopes.path {}", config.scopes.path.display()))?,
         ),
         StoreKind::Redis => {
-            anyhow::bail!("scopes.store = \"redis\" is not available in this build")
+            let url = config.scopes.redis_url.as_deref().unwrap_or_default();
+            Store::Redis(
+                RedisStore::new(url, FanoutHealth::new(metrics.clone()))
+                    .context("scopes.redis_url")?,
+            )
         }
     };
     let introspection_on = match config.scopes.introspect {
@@ -313,6 +317,7 @@ async fn open_scopes(
         cache_capacity: config.scopes.cache_capacity,
         negative_ttl: config.scopes.negative_ttl,
         revalidate_after: config.scopes.revalidate_after,
+        max_staleness: config.scopes.max_staleness,
     };
     ScopeTable::open(settings, store, introspector, metrics.clone())
         .await

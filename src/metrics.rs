@@ -130,6 +130,10 @@ struct Inner {
     inflight: [IntGauge; 2],
     body_bytes: [IntCounter; 2],
     config_reloads: [IntCounter; 2],
+    store_errors: IntCounter,
+    store_up: IntGauge,
+    fanout_subscribed: IntGauge,
+    fanout_lag: Histogram,
 }
 
 impl Metrics {
@@ -257,6 +261,31 @@ impl Metrics {
         registry.register(Box::new(reloads_vec.clone()))?;
         let config_reloads = ["success", "failure"].map(|r| reloads_vec.with_label_values(&[r]));
 
+        let store_errors = IntCounter::new(
+            "scopegate_store_errors_total",
+            "Scope store commands that failed or timed out (Redis).",
+        )?;
+        registry.register(Box::new(store_errors.clone()))?;
+        let store_up = IntGauge::new(
+            "scopegate_store_up",
+            "1 while the scope store answers (Redis: its once-a-second PING).",
+        )?;
+        registry.register(Box::new(store_up.clone()))?;
+        store_up.set(1);
+        let fanout_subscribed = IntGauge::new(
+            "scopegate_fanout_subscribed",
+            "1 while subscribed to other replicas' scope changes (Redis store).",
+        )?;
+        registry.register(Box::new(fanout_subscribed.clone()))?;
+        let fanout_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "scopegate_fanout_lag_seconds",
+                "From another replica publishing a scope change to this replica applying it.",
+            )
+            .buckets(FANOUT_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(fanout_lag.clone()))?;
+
         let build_info = IntGaugeVec::new(
             Opts::new("scopegate_build_info", "Build information; always 1."),
             &["version"],
@@ -280,6 +309,10 @@ impl Metrics {
                 inflight,
                 body_bytes,
                 config_reloads,
+                store_errors,
+                store_up,
+                fanout_subscribed,
+                fanout_lag,
             }),
         })
     }
@@ -349,6 +382,23 @@ impl Metrics {
         self.inner.inflight[listener.index()].get()
     }
 
+    pub fn store_error(&self) {
+        self.inner.store_errors.inc();
+    }
+
+    pub fn set_store_up(&self, up: bool) {
+        self.inner.store_up.set(i64::from(up));
+    }
+
+    pub fn set_fanout_subscribed(&self, subscribed: bool) {
+        self.inner.fanout_subscribed.set(i64::from(subscribed));
+    }
+
+    /// A change from another replica, applied `lag_seconds` after it was published.
+    pub fn fanout_received(&self, lag_seconds: f64) {
+        self.inner.fanout_lag.observe(lag_seconds);
+    }
+
     pub fn config_reloaded(&self, success: bool) {
         self.inner.config_reloads[usize::from(!success)].inc();
     }
@@ -382,6 +432,11 @@ impl Drop for InflightGuard {
 /// The `bench-metrics-off` build (only for `scripts/bench`'s metrics on/off comparison)
 /// records nothing per request; the families still exist, so `/metrics` keeps its shape.
 const PER_REQUEST_OFF: bool = cfg!(feature = "bench-metrics-off");
+
+/// Fan-out lag: 0.5 ms (same host) to 10 s (a replica that fell behind).
+const FANOUT_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// 100 µs (a local refusal) to 60 s (long uploads and agent runs; longer lands in +Inf).
 const DURATION_BUCKETS: [f64; 18] = [

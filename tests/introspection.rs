@@ -29,18 +29,6 @@ const REVOCATION_BOUND: Duration = Duration::from_secs(2);
 const MARGIN: Duration = Duration::from_millis(250);
 const WRONG_KEY: &str = "rlc-wrongaccountkey000000000000000000";
 
-/// A TOML basic string.
-fn toml_str(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-/// A secrets file holding `key` (with the trailing newline such files usually have).
-fn key_file(key: &str) -> tempfile::NamedTempFile {
-    let file = tempfile::NamedTempFile::new().expect("temp key file");
-    std::fs::write(file.path(), format!("{key}\n")).expect("write key file");
-    file
-}
-
 /// A gateway in front of a fresh fake, with an API key file and any extra settings.
 struct Setup {
     fake: FakeRelace,

@@ -142,10 +142,6 @@ async fn wait_metric(admin: SocketAddr, name_and_labels: &str, want: f64, within
     }
 }
 
-fn toml_str(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 fn path_str(path: &Path) -> String {
     path.to_str().expect("utf-8 temp path").to_owned()
 }

@@ -262,6 +262,7 @@ fn settings() -> TableSettings {
         cache_capacity: 1000,
         negative_ttl: Duration::from_secs(10),
         revalidate_after: Duration::from_secs(60),
+        max_staleness: Duration::from_secs(30),
     }
 }
 

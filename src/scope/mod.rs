@@ -11,7 +11,9 @@ mod codec;
 mod digest;
 mod embedded;
 mod entry;
+mod fanout;
 pub mod introspect;
+mod redis_store;
 mod store;
 
 use std::collections::HashSet;
@@ -26,6 +28,8 @@ use time::OffsetDateTime;
 pub use digest::{TokenDigest, TokenId, TOKEN_ID_LEN};
 pub use embedded::EmbeddedStore;
 pub use entry::{ScopeEntry, Source};
+pub use fanout::FanoutHealth;
+pub use redis_store::RedisStore;
 pub use store::{Store, StoreError};
 
 use crate::metrics::{LookupResult, LookupTier, Metrics};
@@ -45,6 +49,10 @@ pub const SWEEP_GRACE: Duration = Duration::from_secs(3600);
 const STALE_GRACE: Duration = Duration::from_secs(1);
 /// After a failed revalidation, the next attempt for that token waits this long.
 const REVALIDATION_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a replica waits for another replica's introspection of the same token
+/// before asking the upstream itself, and how often it looks.
+const SHARED_INTROSPECTION_WAIT: Duration = Duration::from_secs(2);
+const SHARED_INTROSPECTION_POLL: Duration = Duration::from_millis(20);
 
 /// A token the table knows, with when it was last confirmed (by the upstream, a mint or
 /// a registration).
@@ -91,15 +99,26 @@ enum Cached {
     Unknown,
 }
 
+/// A cache entry with when, and in which fan-out epoch, it was confirmed against the
+/// store (only the Redis store reads these).
+#[derive(Debug, Clone)]
+struct Slot {
+    cached: Cached,
+    epoch: u64,
+    verified_at: Instant,
+    /// The fan-out change counter just before the store was read.
+    changes: u64,
+}
+
 /// Negative entries expire after `negative_ttl`; known ones stay until evicted by
 /// capacity or replaced.
 struct CacheExpiry {
     negative_ttl: Duration,
 }
 
-impl Expiry<TokenDigest, Cached> for CacheExpiry {
-    fn expire_after_create(&self, _: &TokenDigest, value: &Cached, _: Instant) -> Option<Duration> {
-        match value {
+impl Expiry<TokenDigest, Slot> for CacheExpiry {
+    fn expire_after_create(&self, _: &TokenDigest, value: &Slot, _: Instant) -> Option<Duration> {
+        match value.cached {
             Cached::Unknown => Some(self.negative_ttl),
             Cached::Known(_) => None,
         }
@@ -108,7 +127,7 @@ impl Expiry<TokenDigest, Cached> for CacheExpiry {
     fn expire_after_update(
         &self,
         key: &TokenDigest,
-        value: &Cached,
+        value: &Slot,
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -165,11 +184,13 @@ pub struct TableSettings {
     pub cache_capacity: u64,
     pub negative_ttl: Duration,
     pub revalidate_after: Duration,
+    /// Redis store: how long cached scopes serve while Redis cannot confirm them.
+    pub max_staleness: Duration,
 }
 
 /// The scope table with its tiers.
 pub struct ScopeTable {
-    cache: Cache<TokenDigest, Cached>,
+    cache: Cache<TokenDigest, Slot>,
     store: Store,
     introspector: Option<Introspector>,
     settings: TableSettings,
@@ -190,12 +211,17 @@ impl ScopeTable {
         introspector: Option<Introspector>,
         metrics: Metrics,
     ) -> Result<Arc<Self>, StoreError> {
-        let active = store
-            .snapshot()
-            .await?
-            .iter()
-            .filter(|(_, r)| matches!(r, Record::Active(_)))
-            .count();
+        // Redis connects in the background (the gateway starts unready without it) and
+        // counts once connected; the local stores count now.
+        let active = match store {
+            Store::Redis(_) => 0,
+            _ => store
+                .snapshot()
+                .await?
+                .iter()
+                .filter(|(_, r)| matches!(r, Record::Active(_)))
+                .count(),
+        };
         let cache = Cache::builder()
             .max_capacity(settings.cache_capacity)
             .expire_after(CacheExpiry {
@@ -213,6 +239,9 @@ impl ScopeTable {
             confirming: confirming_cache(),
         });
         table.publish_count();
+        if let Store::Redis(redis) = &table.store {
+            fanout::spawn(redis.clone(), Arc::downgrade(&table));
+        }
         Ok(table)
     }
 
@@ -222,6 +251,7 @@ impl ScopeTable {
             cache_capacity,
             negative_ttl: Duration::from_secs(10),
             revalidate_after: Duration::from_secs(60),
+            max_staleness: Duration::from_secs(30),
         };
         match Self::open(settings.clone(), Store::memory(), None, metrics.clone()).await {
             Ok(table) => table,
@@ -318,9 +348,26 @@ impl ScopeTable {
             return self.store.get(digest).await.ok().flatten();
         }
         match self.cache.get(digest).await {
-            Some(Cached::Known(record)) => Some(record),
+            Some(Slot {
+                cached: Cached::Known(record),
+                ..
+            }) => Some(record),
             _ => None,
         }
+    }
+
+    /// A cache entry for something just read from (or written to) the store.
+    fn slot(&self, cached: Cached, changes: u64) -> Slot {
+        Slot {
+            cached,
+            epoch: self.store.fanout().map_or(0, |h| h.epoch()),
+            verified_at: Instant::now(),
+            changes,
+        }
+    }
+
+    fn fanout_changes(&self) -> u64 {
+        self.store.fanout().map_or(0, |h| h.changes())
     }
 
     /// Makes a record written to the store visible to the next lookup: cached, or (with
@@ -329,7 +376,33 @@ impl ScopeTable {
         if self.store.is_memory() {
             self.cache.invalidate(&digest).await;
         } else {
-            self.cache.insert(digest, Cached::Known(record)).await;
+            let slot = self.slot(Cached::Known(record), self.fanout_changes());
+            self.cache.insert(digest, slot).await;
+        }
+    }
+
+    /// A change another replica published: cached copies are replaced; tokens this
+    /// replica has not looked up are read from the store when they are.
+    async fn apply_change(&self, digest: TokenDigest, record: Record) {
+        if self.cache.contains_key(&digest) {
+            let slot = self.slot(Cached::Known(record), self.fanout_changes());
+            self.cache.insert(digest, slot).await;
+        }
+    }
+
+    /// Counts the store's active entries again (Redis: other replicas add and remove).
+    async fn recount(&self) {
+        match self.store.snapshot().await {
+            Ok(records) => {
+                let active = records
+                    .iter()
+                    .filter(|(_, r)| matches!(r, Record::Active(_)))
+                    .count();
+                self.active
+                    .store(i64::try_from(active).unwrap_or(i64::MAX), Ordering::Relaxed);
+                self.publish_count();
+            }
+            Err(error) => tracing::warn!(%error, "counting the scope store failed"),
         }
     }
 
@@ -353,10 +426,21 @@ impl ScopeTable {
                 return Ok(Cached::Known(record));
             }
         }
-        if let Some(cached) = self.cache.get(&digest).await {
-            self.metrics
-                .scope_lookup(LookupTier::Cache, LookupResult::Hit);
-            return Ok(cached);
+        if let Some(slot) = self.cache.get(&digest).await {
+            match self.store.fanout() {
+                Some(health) if !health.trusts(slot.epoch) => {
+                    // Confirmed while fan-out messages may have been missed: ask Redis.
+                    if let Some(cached) = self.reconfirm(digest, &slot, health).await? {
+                        return Ok(cached);
+                    }
+                    // Gone from Redis (and not merely expired): look it up afresh.
+                }
+                _ => {
+                    self.metrics
+                        .scope_lookup(LookupTier::Cache, LookupResult::Hit);
+                    return Ok(slot.cached);
+                }
+            }
         }
         self.metrics
             .scope_lookup(LookupTier::Cache, LookupResult::Miss);
@@ -365,18 +449,93 @@ impl ScopeTable {
         } else {
             None
         };
-        self.cache
+        let slot = self
+            .cache
             .try_get_with(digest, self.load(digest, token))
             .await
-            .map_err(|_| Refusal::ScopeUnavailable)
+            .map_err(|_| Refusal::ScopeUnavailable)?;
+        if let Some(health) = self.store.fanout() {
+            if health.changes() != slot.changes {
+                // A published change crossed this read; it may have been for this token
+                // and applied before the read landed in the cache. Read once more.
+                let changes = health.changes();
+                return match self.store.get(&digest).await {
+                    Ok(Some(record)) => {
+                        let cached = Cached::Known(record);
+                        let fresh = self.slot(cached.clone(), changes);
+                        self.cache.insert(digest, fresh).await;
+                        Ok(cached)
+                    }
+                    // Nothing newer than what the load decided.
+                    Ok(None) => Ok(slot.cached),
+                    Err(_) => Err(Refusal::ScopeUnavailable),
+                };
+            }
+        }
+        Ok(slot.cached)
     }
 
-    async fn load(&self, digest: TokenDigest, token: Option<TokenSecret>) -> Result<Cached, ()> {
+    /// Re-reads a cached entry from Redis. While Redis cannot answer, the entry serves
+    /// until `max_staleness` past its last confirmation, then the token is refused 503.
+    /// `None`: Redis no longer has it (the caller looks it up like an unknown token).
+    async fn reconfirm(
+        &self,
+        digest: TokenDigest,
+        slot: &Slot,
+        health: &FanoutHealth,
+    ) -> Result<Option<Cached>, Refusal> {
+        if health.is_reachable() {
+            let changes = health.changes();
+            match self.store.get(&digest).await {
+                Ok(Some(record)) => {
+                    self.metrics
+                        .scope_lookup(LookupTier::Store, LookupResult::Hit);
+                    let cached = Cached::Known(record);
+                    self.cache
+                        .insert(digest, self.slot(cached.clone(), changes))
+                        .await;
+                    return Ok(Some(cached));
+                }
+                Ok(None) => {
+                    self.metrics
+                        .scope_lookup(LookupTier::Store, LookupResult::Miss);
+                    self.cache.invalidate(&digest).await;
+                    // Redis drops a scope at its expiry: still answer `token_expired`.
+                    if let Cached::Known(Record::Active(active)) = &slot.cached {
+                        if active.entry.is_expired_at(OffsetDateTime::now_utc()) {
+                            return Ok(Some(slot.cached.clone()));
+                        }
+                    }
+                    return Ok(None);
+                }
+                Err(_) => self
+                    .metrics
+                    .scope_lookup(LookupTier::Store, LookupResult::Error),
+            }
+        }
+        let confirmed = health.confirmed_until(slot.epoch, slot.verified_at);
+        if confirmed.elapsed() <= self.settings.max_staleness {
+            Ok(Some(slot.cached.clone()))
+        } else {
+            Err(Refusal::ScopeUnavailable)
+        }
+    }
+
+    async fn load(&self, digest: TokenDigest, token: Option<TokenSecret>) -> Result<Slot, ()> {
+        let changes = self.fanout_changes();
+        if let Some(health) = self.store.fanout() {
+            // Known to be down: answer at once rather than wait for a timeout.
+            if !health.is_reachable() {
+                self.metrics
+                    .scope_lookup(LookupTier::Store, LookupResult::Error);
+                return Err(());
+            }
+        }
         let store_failed = match self.store.get(&digest).await {
             Ok(Some(record)) => {
                 self.metrics
                     .scope_lookup(LookupTier::Store, LookupResult::Hit);
-                return Ok(Cached::Known(record));
+                return Ok(self.slot(Cached::Known(record), changes));
             }
             Ok(None) => {
                 self.metrics
@@ -395,9 +554,19 @@ impl ScopeTable {
             return if store_failed {
                 Err(())
             } else {
-                Ok(Cached::Unknown)
+                Ok(self.slot(Cached::Unknown, changes))
             };
         };
+        if store_failed && self.store.fanout().is_some() {
+            // The shared store is failing: introspecting now would learn a token other
+            // replicas cannot see and could not hear revoked.
+            return Err(());
+        }
+        if let Store::Redis(redis) = &self.store {
+            if let Some(shared) = self.await_other_replica(redis, &digest).await? {
+                return Ok(self.slot(shared, changes));
+            }
+        }
         match self.ask_upstream(introspector, digest, &token).await {
             Some(Answer::Known(scope)) => {
                 let record = scope.into_record(Source::Introspection);
@@ -410,11 +579,43 @@ impl ScopeTable {
                     Err(error) => tracing::warn!(%error, "could not store an introspected scope"),
                 }
                 self.metrics.token_learned(Source::Introspection);
-                Ok(Cached::Known(record))
+                Ok(self.slot(Cached::Known(record), changes))
             }
-            Some(Answer::Unknown) => Ok(Cached::Unknown),
+            Some(Answer::Unknown) => {
+                if let Store::Redis(redis) = &self.store {
+                    if let Err(error) = redis.put_unknown(&digest, self.settings.negative_ttl).await
+                    {
+                        tracing::warn!(%error, "could not share an unknown token");
+                    }
+                }
+                Ok(self.slot(Cached::Unknown, changes))
+            }
             None => Err(()),
         }
+    }
+
+    /// With several replicas, one introspects a token and the others read its answer
+    /// from Redis. `Some` when another replica answered within the wait; `None` when
+    /// this replica should ask the upstream itself.
+    async fn await_other_replica(
+        &self,
+        redis: &RedisStore,
+        digest: &TokenDigest,
+    ) -> Result<Option<Cached>, ()> {
+        if redis.claim_introspection(digest).await.map_err(|_| ())? {
+            return Ok(None);
+        }
+        let deadline = Instant::now() + SHARED_INTROSPECTION_WAIT;
+        while Instant::now() < deadline {
+            tokio::time::sleep(SHARED_INTROSPECTION_POLL).await;
+            match redis.get_shared(digest).await {
+                Ok(redis_store::Shared::Record(record)) => return Ok(Some(Cached::Known(record))),
+                Ok(redis_store::Shared::Unknown) => return Ok(Some(Cached::Unknown)),
+                Ok(redis_store::Shared::Nothing) => {}
+                Err(_) => return Err(()),
+            }
+        }
+        Ok(None)
     }
 
     /// One introspection call, counted by its result; `None` when the upstream could not
@@ -536,6 +737,11 @@ impl ScopeTable {
             revoked_at: now,
             retain_until,
         });
+        // Refused here from now on, even if the store cannot record it (then the
+        // caller hears the error and retries; other replicas wait for that).
+        if !self.store.is_memory() {
+            self.remember(digest, record.clone()).await;
+        }
         self.store.put(digest, record.clone()).await?;
         self.remember(digest, record).await;
         let was_active = matches!(previous, Some(Record::Active(_)));
@@ -593,6 +799,11 @@ impl ScopeTable {
     /// Removes entries expired, and tombstones past their retention, for longer than
     /// [`SWEEP_GRACE`]. Returns how many records went.
     pub async fn sweep(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+        if matches!(self.store, Store::Redis(_)) {
+            // Redis expires scopes and tombstones itself (`PXAT`); only the count moves.
+            self.recount().await;
+            return Ok(0);
+        }
         let horizon = now - SWEEP_GRACE;
         let mut gone_active = 0i64;
         let doomed: Vec<TokenDigest> = self

@@ -1,12 +1,13 @@
 //! The store tier behind the cache: one enum over the backends, so the table (and the
-//! proxy above it) never knows which one is configured. A Redis backend joins as one
-//! more variant.
+//! proxy above it) never knows which one is configured.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use super::embedded::EmbeddedStore;
+use super::fanout::FanoutHealth;
+use super::redis_store::RedisStore;
 use super::{Record, TokenDigest};
 
 /// A store that could not answer. The decision fails closed on it (`scope_unavailable`).
@@ -37,6 +38,8 @@ pub enum Store {
     Memory(RwLock<HashMap<TokenDigest, Record>>),
     /// The redb file (durable, the default).
     Embedded(EmbeddedStore),
+    /// Redis, shared by replicas, with change fan-out.
+    Redis(RedisStore),
 }
 
 impl Store {
@@ -48,11 +51,20 @@ impl Store {
         matches!(self, Store::Memory(_))
     }
 
+    /// The fan-out state, for the shared store.
+    pub fn fanout(&self) -> Option<&Arc<FanoutHealth>> {
+        match self {
+            Store::Redis(redis) => Some(redis.health()),
+            _ => None,
+        }
+    }
+
     pub async fn get(&self, digest: &TokenDigest) -> Result<Option<Record>, StoreError> {
         match self {
             Store::Memory(map) => Ok(read(map).get(digest).cloned()),
             // A point read of a memory-mapped B-tree page: cheaper than a thread hop.
             Store::Embedded(store) => store.get(digest),
+            Store::Redis(store) => store.get(digest).await,
         }
     }
 
@@ -70,6 +82,7 @@ impl Store {
                     .await
                     .map_err(StoreError::from_display)?
             }
+            Store::Redis(store) => store.put(&digest, &record).await,
         }
     }
 
@@ -88,6 +101,7 @@ impl Store {
                     .await
                     .map_err(StoreError::from_display)?
             }
+            Store::Redis(store) => store.remove_all(&digests).await,
         }
     }
 
@@ -103,6 +117,7 @@ impl Store {
                     .await
                     .map_err(StoreError::from_display)?
             }
+            Store::Redis(store) => store.snapshot().await,
         }
     }
 
@@ -111,6 +126,9 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(()),
             Store::Embedded(store) => store.check(),
+            // Kept current by the once-a-second PING.
+            Store::Redis(store) if store.health().is_reachable() => Ok(()),
+            Store::Redis(_) => Err(StoreError::new("Redis is not answering")),
         }
     }
 }

@@ -41,6 +41,18 @@ pub fn token_id(token: &str) -> String {
 }
 
 /// A file route of `repo` (`GET` it to read `src/main.rs`).
+/// A TOML basic string.
+pub fn toml_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// A secrets file holding `key` (with the trailing newline such files usually have).
+pub fn key_file(key: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().expect("temp key file");
+    std::fs::write(file.path(), format!("{key}\n")).expect("write key file");
+    file
+}
+
 pub fn file_url(repo: &str) -> String {
     format!("/v1/repo/{repo}/file/src/main.rs")
 }

@@ -8,6 +8,7 @@ pub mod fake_relace;
 pub mod gateway;
 pub mod raw;
 pub mod readings;
+pub mod redis;
 pub mod tls_upstream;
 
 pub use assertions::*;
