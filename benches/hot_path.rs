@@ -123,7 +123,8 @@ fn bench_authorize(c: &mut Criterion) {
             if health.is_subscribed() {
                 break;
             }
-            runtime.block_on(tokio::time::sleep(std::time::Duration::from_millis(50)));
+            runtime
+                .block_on(async { tokio::time::sleep(std::time::Duration::from_millis(50)).await });
         }
         assert!(
             health.is_subscribed(),

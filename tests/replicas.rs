@@ -132,6 +132,31 @@ async fn a_token_minted_on_one_replica_works_on_the_others_at_the_first_request(
         0,
         "the other replicas read the minted scope from Redis, not the upstream"
     );
+    // One table: another replica lists it (by id) and can revoke it for all.
+    let id = token_id(&token);
+    let listed = listing_at(r[2].admin).await;
+    assert!(
+        listed["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .any(|t| t["id"] == id.as_str()),
+        "{listed}"
+    );
+    let deleted = call_with_auth(
+        r[2].admin,
+        "DELETE",
+        &format!("/admin/tokens/{id}"),
+        &bearer(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(deleted.status, 204, "{}", body_text(&deleted));
+    assert!(
+        wait_for(Duration::from_secs(1), || async {
+            get_file(r[1].proxy, &token, REPO_A).await.status == 401
+        })
+        .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
