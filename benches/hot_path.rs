@@ -144,7 +144,7 @@ fn bench_authorize(c: &mut Criterion) {
                 TokenDigest::of(TOKEN),
                 ScopeEntry {
                     name: "bench".into(),
-                    repo_ids: vec![repo],
+                    repo_ids: Box::new([repo]),
                     expires_at: None,
                     source: Source::Admin,
                 },
@@ -168,7 +168,7 @@ fn bench_store_hit(c: &mut Criterion) {
     let record = scopegate::scope::Record::Active(scopegate::scope::Active {
         entry: std::sync::Arc::new(ScopeEntry {
             name: "bench".into(),
-            repo_ids: vec![repo],
+            repo_ids: Box::new([repo]),
             expires_at: None,
             source: Source::Admin,
         }),

@@ -31,8 +31,8 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..n {
         let token = format!("rlcr-{i:040x}");
         let entry = ScopeEntry {
-            name: format!("sandbox-{i}"),
-            repo_ids: repos.to_vec(),
+            name: format!("sandbox-{i}").into(),
+            repo_ids: repos.into(),
             expires_at: Some(time::OffsetDateTime::now_utc() + time::Duration::hours(1)),
             source: Source::Mint,
         };

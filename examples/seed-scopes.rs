@@ -21,8 +21,8 @@ fn main() -> anyhow::Result<()> {
     let records: Vec<(TokenDigest, Record)> = (0..count)
         .map(|i| {
             let entry = ScopeEntry {
-                name: format!("cold-{i}"),
-                repo_ids: vec![repo],
+                name: format!("cold-{i}").into(),
+                repo_ids: Box::new([repo]),
                 expires_at: Some(now + time::Duration::days(1)),
                 source: Source::Admin,
             };

@@ -260,8 +260,8 @@ async fn register(
     };
     let digest = TokenDigest::of(&registration.token);
     let entry = ScopeEntry {
-        name: registration.name,
-        repo_ids: registration.repo_ids,
+        name: registration.name.into(),
+        repo_ids: registration.repo_ids.into(),
         expires_at: registration.expires_at,
         source: Source::Admin,
     };
@@ -531,8 +531,8 @@ fn mint_answer(body: &[u8]) -> Result<(TokenDigest, ScopeEntry), String> {
     Ok((
         TokenDigest::of(&registration.token),
         ScopeEntry {
-            name: registration.name,
-            repo_ids: registration.repo_ids,
+            name: registration.name.into(),
+            repo_ids: registration.repo_ids.into(),
             expires_at: registration.expires_at,
             source: Source::Mint,
         },

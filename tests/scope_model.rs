@@ -247,7 +247,7 @@ async fn decide(
 
 fn entry(repos: u8, expiry: Expiry, source: Source) -> ScopeEntry {
     ScopeEntry {
-        name: format!("model-{repos}"),
+        name: format!("model-{repos}").into(),
         repo_ids: (0..REPOS.len())
             .filter(|i| repos & (1 << i) != 0)
             .map(repo)

@@ -14,8 +14,8 @@ use super::{Active, Record, ScopeEntry, Source, StoreError, Tombstone};
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Wire {
     ActiveV1 {
-        name: String,
-        repo_ids: Vec<Uuid>,
+        name: Box<str>,
+        repo_ids: Box<[Uuid]>,
         #[serde(with = "time::serde::rfc3339::option")]
         expires_at: Option<OffsetDateTime>,
         source: Source,

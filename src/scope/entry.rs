@@ -38,8 +38,10 @@ impl Source {
 /// A token's scope: the mint response's shape, without the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScopeEntry {
-    pub name: String,
-    pub repo_ids: Vec<Uuid>,
+    // Boxed slices rather than String/Vec: no spare capacity word, 16 B less per entry
+    // (a million cached scopes is the sizing target).
+    pub name: Box<str>,
+    pub repo_ids: Box<[Uuid]>,
     /// `None`: the token does not expire.
     pub expires_at: Option<OffsetDateTime>,
     pub source: Source,

@@ -82,8 +82,8 @@ impl KnownScope {
     fn into_record(self, source: Source) -> Record {
         Record::Active(Active {
             entry: Arc::new(ScopeEntry {
-                name: self.name,
-                repo_ids: self.repo_ids,
+                name: self.name.into(),
+                repo_ids: self.repo_ids.into(),
                 expires_at: self.expires_at,
                 source,
             }),
@@ -158,7 +158,7 @@ impl Permit {
     }
 
     pub fn token_name(&self) -> Option<&str> {
-        self.token.as_ref().map(|(_, e)| e.name.as_str())
+        self.token.as_ref().map(|(_, e)| &*e.name)
     }
 }
 
