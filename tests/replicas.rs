@@ -587,3 +587,37 @@ async fn nothing_stored_in_or_sent_to_redis_contains_a_plaintext_token() {
     );
     assert!(keys.contains(&digest));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_before_redis_is_unready_then_serves_once_redis_answers() {
+    let fake = FakeRelace::start().await;
+    let mut redis = RedisServer::start(Persistence::None);
+    redis.kill9();
+    let replica = GatewayProcess::spawn(&replica_config(&fake, &redis, &[]));
+    assert_eq!(readyz(&replica).await, 503, "ready without its store");
+    assert_refused(
+        &get_file(replica.proxy, &new_token(), REPO_A).await,
+        503,
+        "scope_unavailable",
+    );
+    let token = new_token();
+    let body = serde_json::json!({"token": token, "name": "early", "repo_ids": [REPO_A]});
+    assert_eq!(
+        register_at(replica.admin, &body).await.status,
+        503,
+        "acknowledged without Redis"
+    );
+
+    redis.restart();
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            readyz(&replica).await == 200
+        })
+        .await,
+        "not ready within 10 s of Redis answering; logs:\n{}",
+        replica.logs()
+    );
+    assert_eq!(register_at(replica.admin, &body).await.status, 201);
+    assert_eq!(get_file(replica.proxy, &token, REPO_A).await.status, 200);
+    assert_eq!(repo_requests(&fake), 1);
+}
