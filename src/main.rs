@@ -72,6 +72,9 @@ fn main() -> ExitCode {
                 }
             };
             tracing::info!(config = %describe(&source), version = env!("CARGO_PKG_VERSION"), "starting");
+            // One TLS implementation for every client in the process (the upstream, Redis):
+            // ring, whatever else a dependency's features could bring in.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

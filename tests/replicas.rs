@@ -621,3 +621,61 @@ async fn a_replica_started_before_redis_is_unready_then_serves_once_redis_answer
     assert_eq!(get_file(replica.proxy, &token, REPO_A).await.status, 200);
     assert_eq!(repo_requests(&fake), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_speak_tls_to_redis_and_verify_its_certificate() {
+    let fake = FakeRelace::start().await;
+    let ca = Ca::new("redis test CA");
+    let redis = RedisServer::start_tls(Persistence::None, &ca.leaf());
+    let ca_file = tempfile::NamedTempFile::new().expect("ca file");
+    std::fs::write(ca_file.path(), ca.pem()).expect("write ca");
+    let ca_path = ca_file.path().to_str().expect("utf-8 path").to_owned();
+    let tls = Gateway::builder(&fake.url())
+        .set("scopes.store", &toml_str("redis"))
+        .set("scopes.redis_url", &toml_str(&redis.tls_url()))
+        .set("scopes.introspect", "false");
+    // A private CA is trusted through SSL_CERT_FILE (docs/operations.md).
+    let r = replicas(&tls.env("SSL_CERT_FILE", &ca_path), 2).await;
+    let token = new_token();
+    let body = serde_json::json!({"token": token, "name": "tls", "repo_ids": [REPO_A]});
+    assert_eq!(register_at(r[0].admin, &body).await.status, 201);
+    assert_eq!(get_file(r[1].proxy, &token, REPO_A).await.status, 200);
+    let revoked = call_with_auth(
+        r[0].admin,
+        "DELETE",
+        &format!("/admin/tokens/{token}"),
+        &bearer(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(revoked.status, 204);
+    assert!(
+        wait_for(Duration::from_secs(1), || async {
+            get_file(r[1].proxy, &token, REPO_A).await.status == 401
+        })
+        .await,
+        "fan-out over TLS"
+    );
+    // Without the CA the certificate is refused: never ready, nothing acknowledged, and
+    // the URL's password is not in the logs.
+    let with_password = redis
+        .tls_url()
+        .replace("rediss://", "rediss://:s3cret-pass@");
+    let untrusting = GatewayProcess::spawn(
+        &Gateway::builder(&fake.url())
+            .set("scopes.store", &toml_str("redis"))
+            .set("scopes.redis_url", &toml_str(&with_password))
+            .set("scopes.introspect", "false")
+            .env("SSL_CERT_FILE", "/dev/null"),
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            untrusting.logs().contains("cannot connect to Redis")
+        })
+        .await,
+        "no failed connection logged:\n{}",
+        untrusting.logs()
+    );
+    assert_eq!(readyz(&untrusting).await, 503);
+    assert_eq!(register_at(untrusting.admin, &body).await.status, 503);
+    assert!(!untrusting.logs().contains("s3cret-pass"));
+}

@@ -76,6 +76,8 @@ pub struct GatewayBuilder {
     upstream_url: String,
     settings: Vec<(String, String, String)>,
     admin_token: bool,
+    /// Extra environment for the real binary ([`GatewayProcess`]).
+    env: Vec<(String, String)>,
 }
 
 impl GatewayBuilder {
@@ -84,6 +86,12 @@ impl GatewayBuilder {
         let (section, key) = key.split_once('.').expect("section.key");
         self.settings
             .push((section.to_owned(), key.to_owned(), toml_value.to_owned()));
+        self
+    }
+
+    /// Sets an environment variable for the process started by [`GatewayProcess::spawn`].
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -175,6 +183,7 @@ impl Gateway {
             upstream_url: upstream_url.to_owned(),
             settings: Vec::new(),
             admin_token: true,
+            env: Vec::new(),
         }
     }
 
@@ -364,6 +373,7 @@ impl GatewayProcess {
             .env("SCOPEGATE_LOG_FORMAT", "json")
             .env("RUST_LOG", filter)
             .env_remove("SCOPEGATE_CONFIG")
+            .envs(builder.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

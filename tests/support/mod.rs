@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod assertions;
+pub mod certs;
 pub mod fake_relace;
 pub mod gateway;
 pub mod raw;
@@ -12,6 +13,7 @@ pub mod redis;
 pub mod tls_upstream;
 
 pub use assertions::*;
+pub use certs::Ca;
 pub use fake_relace::{pattern_sha256, FakeRelace, Recorded, ACCOUNT_KEY};
 pub use gateway::*;
 pub use raw::{body_text, call, call_with_auth, post_json, sha_hex, RawResponse};

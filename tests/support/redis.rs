@@ -21,6 +21,8 @@ pub struct RedisServer {
     pub port: u16,
     pub dir: tempfile::TempDir,
     persistence: Persistence,
+    /// With TLS: the TLS port (the plain `port` stays open for the test's own checks).
+    pub tls_port: Option<u16>,
 }
 
 /// The `redis-server` to run: `SCOPEGATE_TEST_REDIS_SERVER`, else the one on `PATH`.
@@ -41,19 +43,42 @@ impl RedisServer {
     /// Starts a server on a free port (a few tries, in case another test took the port
     /// between probing and binding).
     pub fn start(persistence: Persistence) -> RedisServer {
+        Self::start_with(persistence, None)
+    }
+
+    /// Also listens with TLS, using the certificate `(cert, key)` PEM pair.
+    pub fn start_tls(persistence: Persistence, leaf: &(String, String)) -> RedisServer {
+        Self::start_with(persistence, Some(leaf))
+    }
+
+    fn start_with(persistence: Persistence, leaf: Option<&(String, String)>) -> RedisServer {
         let dir = tempfile::tempdir().expect("tempdir");
+        if let Some((cert, key)) = leaf {
+            std::fs::write(dir.path().join("tls.crt"), cert).expect("write cert");
+            std::fs::write(dir.path().join("tls.key"), key).expect("write key");
+        }
         for _ in 0..5 {
             let port = free_port();
-            if let Some(child) = launch(port, dir.path(), persistence) {
+            let tls_port = leaf.map(|_| free_port());
+            if let Some(child) = launch(port, tls_port, dir.path(), persistence) {
                 return RedisServer {
                     child: Some(child),
                     port,
                     dir,
                     persistence,
+                    tls_port,
                 };
             }
         }
         panic!("redis-server did not start on a free port after 5 tries");
+    }
+
+    /// `rediss://` URL of the TLS port (for `127.0.0.1`).
+    pub fn tls_url(&self) -> String {
+        format!(
+            "rediss://127.0.0.1:{}/0",
+            self.tls_port.expect("started with TLS")
+        )
     }
 
     pub fn url(&self) -> String {
@@ -86,7 +111,7 @@ impl RedisServer {
     /// Starts it again on the same port and directory (AOF is replayed).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop it first");
-        self.child = launch(self.port, self.dir.path(), self.persistence);
+        self.child = launch(self.port, self.tls_port, self.dir.path(), self.persistence);
         assert!(
             self.child.is_some(),
             "redis-server did not come back on port {}",
@@ -119,11 +144,19 @@ impl Drop for RedisServer {
 }
 
 /// Starts `redis-server` on `port` with its files in `dir`; the child once it answers.
-fn launch(port: u16, dir: &Path, persistence: Persistence) -> Option<Child> {
+fn launch(port: u16, tls_port: Option<u16>, dir: &Path, persistence: Persistence) -> Option<Child> {
     let mut cmd = Command::new(binary());
-    cmd.arg("--port")
-        .arg(port.to_string())
-        .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
+    cmd.arg("--port").arg(port.to_string());
+    if let Some(tls_port) = tls_port {
+        cmd.arg("--tls-port")
+            .arg(tls_port.to_string())
+            .arg("--tls-cert-file")
+            .arg(dir.join("tls.crt"))
+            .arg("--tls-key-file")
+            .arg(dir.join("tls.key"))
+            .args(["--tls-auth-clients", "no"]);
+    }
+    cmd.args(["--bind", "127.0.0.1", "--protected-mode", "no"])
         .args(["--save", "", "--daemonize", "no", "--loglevel", "warning"])
         .arg("--dir")
         .arg(dir);
