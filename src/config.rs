@@ -767,12 +767,50 @@ pub fn render_redacted(raw: &RawConfig) -> String {
     if raw.admin.token.is_some() {
         raw.admin.token = Some("<redacted>".into());
     }
+    if let Some(url) = &raw.scopes.redis_url {
+        raw.scopes.redis_url = Some(redact_userinfo(url));
+    }
     toml::to_string_pretty(&raw).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+}
+
+/// `scheme://user:password@host…` → `scheme://<redacted>@host…` (Redis URLs carry the
+/// password there).
+fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_passwords_are_redacted_when_rendering() {
+        assert_eq!(
+            redact_userinfo("redis://:s3cret@redis:6379/0"),
+            "redis://<redacted>@redis:6379/0"
+        );
+        assert_eq!(
+            redact_userinfo("rediss://user:p@ss@host/1"),
+            "rediss://<redacted>@host/1"
+        );
+        assert_eq!(
+            redact_userinfo("redis://redis:6379/0"),
+            "redis://redis:6379/0"
+        );
+        let (_, raw) = from_toml_with_env(
+            "[scopes]\nstore = \"redis\"\nredis_url = \"redis://:s3cret@r:6379/0\"\n",
+            env(&[]),
+        )
+        .unwrap();
+        assert!(!render_redacted(&raw).contains("s3cret"));
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

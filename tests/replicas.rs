@@ -69,6 +69,14 @@ async fn get_file(proxy: std::net::SocketAddr, token: &str, repo: &str) -> RawRe
     call_with_auth(proxy, "GET", &file_url(repo), &bearer(token)).await
 }
 
+/// Waits (bounded) until the replica reports its change subscription up.
+async fn subscribed(r: &GatewayProcess) -> bool {
+    wait_for(Duration::from_secs(10), || async {
+        metric_value(&metrics_of(r).await, "scopegate_fanout_subscribed") == 1.0
+    })
+    .await
+}
+
 async fn readyz(r: &GatewayProcess) -> u16 {
     call(r.admin, "GET", "/readyz", &[], b"").await.status
 }
@@ -320,6 +328,7 @@ async fn with_redis_down_cached_tokens_serve_for_max_staleness_and_everything_re
 
     redis.kill9();
     let down = Instant::now();
+    let ready_deadline = down + Duration::from_secs(5);
     // Cached on replica 2: keeps working within max_staleness.
     assert_eq!(get_file(r[1].proxy, &token, REPO_A).await.status, 200);
     // Never seen by replica 2: 503 at once, nothing upstream.
@@ -327,12 +336,10 @@ async fn with_redis_down_cached_tokens_serve_for_max_staleness_and_everything_re
     let unknown = get_file(r[1].proxy, &new_token(), REPO_A).await;
     assert_refused(&unknown, 503, "scope_unavailable");
     assert_eq!(repo_requests(&fake), before);
-    // Readiness drops within 5 s.
+    // Readiness drops within 5 s of the kill.
+    let left = ready_deadline.saturating_duration_since(Instant::now());
     assert!(
-        wait_for(Duration::from_secs(5), || async {
-            readyz(&r[1]).await == 503
-        })
-        .await,
+        wait_for(left, || async { readyz(&r[1]).await == 503 }).await,
         "/readyz still 200 5 s after Redis went away"
     );
     let m = metrics_of(&r[1]).await;
@@ -361,11 +368,9 @@ async fn with_redis_down_cached_tokens_serve_for_max_staleness_and_everything_re
     redis.restart();
     let back = Instant::now();
     for replica in &r {
+        let left = (back + Duration::from_secs(10)).saturating_duration_since(Instant::now());
         assert!(
-            wait_for(Duration::from_secs(10), || async {
-                readyz(replica).await == 200
-            })
-            .await,
+            wait_for(left, || async { readyz(replica).await == 200 }).await,
             "/readyz not back within 10 s of Redis returning"
         );
     }
@@ -402,10 +407,18 @@ async fn a_missed_message_does_not_leave_a_stale_allow() {
     let fake = FakeRelace::start().await;
     let redis = RedisServer::start(Persistence::None);
     let r = replicas(&replica_config(&fake, &redis, &[]), 2).await;
+    for replica in &r {
+        assert!(subscribed(replica).await, "no subscription");
+    }
     let token = new_token();
     let body = serde_json::json!({"token": token, "name": "x", "repo_ids": [REPO_A]});
     assert_eq!(register_at(r[0].admin, &body).await.status, 201);
+    // Cached on replica 2 while its subscription is trusted.
     assert_eq!(get_file(r[1].proxy, &token, REPO_A).await.status, 200);
+    let heard = metric_value(
+        &metrics_of(&r[1]).await,
+        "scopegate_fanout_lag_seconds_count",
+    );
     // Cut every subscription, then revoke while they are down: the message is lost.
     let killed = command_at(redis.addr(), &["CLIENT", "KILL", "TYPE", "pubsub"]).expect("redis");
     assert!(
@@ -431,6 +444,14 @@ async fn a_missed_message_does_not_leave_a_stale_allow() {
         &get_file(r[1].proxy, &token, REPO_A).await,
         401,
         "token_revoked",
+    );
+    assert_eq!(
+        metric_value(
+            &metrics_of(&r[1]).await,
+            "scopegate_fanout_lag_seconds_count"
+        ),
+        heard,
+        "replica 2 did hear the revocation, so this test did not miss a message"
     );
 }
 
@@ -506,10 +527,7 @@ async fn concurrent_misses_on_several_replicas_make_few_introspections_and_share
     let statuses = futures_util::future::join_all(requests).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let calls = introspection_calls(&fake);
-    assert!(
-        (1..=3).contains(&calls),
-        "{calls} introspections for one token over 3 replicas"
-    );
+    assert_eq!(calls, 1, "introspections for one token over 3 replicas");
     // An unknown token: the 404 is shared too.
     let stranger = new_token();
     let unknown = futures_util::future::join_all(
@@ -520,7 +538,11 @@ async fn concurrent_misses_on_several_replicas_make_few_introspections_and_share
     for resp in &unknown {
         assert_refused(resp, 401, "unknown_token");
     }
-    assert!(introspection_calls(&fake) - calls <= 3);
+    assert_eq!(
+        introspection_calls(&fake) - calls,
+        1,
+        "the 404 is shared too"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -678,4 +700,28 @@ async fn rediss_urls_speak_tls_to_redis_and_verify_its_certificate() {
     assert_eq!(readyz(&untrusting).await, 503);
     assert_eq!(register_at(untrusting.admin, &body).await.status, 503);
     assert!(!untrusting.logs().contains("s3cret-pass"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_hit_never_touches_redis() {
+    let fake = FakeRelace::start().await;
+    let redis = RedisServer::start(Persistence::None);
+    let r = replicas(&replica_config(&fake, &redis, &[]), 2).await;
+    assert!(subscribed(&r[1]).await);
+    let token = new_token();
+    let body = serde_json::json!({"token": token, "name": "hot", "repo_ids": [REPO_A]});
+    assert_eq!(register_at(r[0].admin, &body).await.status, 201);
+    assert_eq!(get_file(r[1].proxy, &token, REPO_A).await.status, 200);
+    let monitor = Monitor::start(redis.addr());
+    for _ in 0..50 {
+        assert_eq!(get_file(r[1].proxy, &token, REPO_A).await.status, 200);
+    }
+    let seen = String::from_utf8_lossy(&monitor.stop()).to_lowercase();
+    // Heartbeats (PUBLISH) run on their own clock; anything else would be a lookup.
+    let reads: Vec<&str> = seen
+        .lines()
+        .filter(|l| !l.contains("\"publish\"") && !l.trim().is_empty())
+        .collect();
+    assert!(reads.is_empty(), "cache hits went to Redis: {reads:?}");
+    assert_eq!(repo_requests(&fake), 51);
 }

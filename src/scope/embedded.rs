@@ -66,6 +66,34 @@ impl EmbeddedStore {
         tx.commit().map_err(StoreError::from_display)
     }
 
+    /// Writes `record` unless the stored record is a revocation, in one transaction.
+    pub fn put_unless_revoked(
+        &self,
+        digest: &TokenDigest,
+        record: &Record,
+    ) -> Result<bool, StoreError> {
+        let bytes = codec::encode(record);
+        let tx = self.db.begin_write().map_err(StoreError::from_display)?;
+        {
+            let mut table = tx.open_table(RECORDS).map_err(StoreError::from_display)?;
+            let revoked = match table
+                .get(digest.as_bytes().as_slice())
+                .map_err(StoreError::from_display)?
+            {
+                Some(existing) => matches!(codec::decode(existing.value())?, Record::Revoked(_)),
+                None => false,
+            };
+            if revoked {
+                return Ok(false);
+            }
+            table
+                .insert(digest.as_bytes().as_slice(), bytes.as_slice())
+                .map_err(StoreError::from_display)?;
+        }
+        tx.commit().map_err(StoreError::from_display)?;
+        Ok(true)
+    }
+
     /// Writes many records in one transaction (bulk imports, benchmark seeding).
     pub fn put_all(&self, records: &[(TokenDigest, Record)]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(StoreError::from_display)?;

@@ -8,8 +8,10 @@
 //! before it is used. A cache hit in the live epoch never touches the network.
 //!
 //! Two background loops per replica: the subscription (re-established with backoff) and a
-//! once-a-second `PING` that drives readiness and notices a Redis that stopped answering
-//! without closing the connection.
+//! once-a-second heartbeat: a `PUBLISH` on the channel that drives readiness (Redis
+//! answered) and that the replica must hear back on its own subscription within
+//! [`HEARTBEAT_TIMEOUT`], so a subscription connection that died silently (an idle
+//! timeout in the network) is noticed and replaced, not trusted.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -17,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use time::OffsetDateTime;
-use tokio::sync::Notify;
 
 use super::redis_store::{RedisStore, CHANNEL, COMMAND_TIMEOUT};
 use super::{codec, Record, ScopeTable, TokenDigest};
@@ -27,6 +28,9 @@ use crate::metrics::Metrics;
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A subscription that has not delivered this replica's own heartbeat for this long is
+/// treated as lost.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What one replica knows about its link to Redis. Shared by the store, the table and
 /// the loops; read on the hot path with two atomic loads.
@@ -43,7 +47,8 @@ pub struct FanoutHealth {
     /// The last live epoch and when it ended: entries confirmed in it count as confirmed
     /// until then (no message arrived for them while it lived).
     lost: Mutex<Option<(u64, Instant)>>,
-    broken: Notify,
+    /// When this replica last heard its own heartbeat (or change) on its subscription.
+    heard_own: Mutex<Instant>,
     metrics: Metrics,
 }
 
@@ -58,7 +63,7 @@ impl FanoutHealth {
             epoch: AtomicU64::new(1),
             changes: AtomicU64::new(0),
             lost: Mutex::new(None),
-            broken: Notify::new(),
+            heard_own: Mutex::new(Instant::now()),
             metrics,
         })
     }
@@ -97,7 +102,12 @@ impl FanoutHealth {
         }
     }
 
-    /// A command failed: not ready until a `PING` answers again.
+    /// A command failed or timed out (counted).
+    pub fn command_failed(&self) {
+        self.metrics.store_error();
+    }
+
+    /// Redis does not answer (`PING`, connecting): not ready until a `PING` answers.
     pub fn store_failed(&self) {
         self.metrics.store_error();
         if self.reachable.swap(false, Ordering::AcqRel) {
@@ -114,7 +124,10 @@ impl FanoutHealth {
     }
 
     fn subscription_up(&self) {
+        *self.heard_own.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        // Reads that started before this cannot have heard what was missed.
+        self.changes.fetch_add(1, Ordering::AcqRel);
         self.subscribed.store(true, Ordering::Release);
         self.metrics.set_fanout_subscribed(true);
         tracing::info!(channel = CHANNEL, "subscribed to scope changes");
@@ -133,9 +146,11 @@ impl FanoutHealth {
     }
 }
 
+/// The end of a heartbeat message: `<replica> <unix ms> hb`.
+pub const HEARTBEAT_MARK: &[u8] = b" hb";
+
 /// One published change: `<replica> <unix ms> <digest hex> <record>`.
 pub struct Message {
-    pub from: String,
     pub at_ms: i64,
     pub digest: TokenDigest,
     pub record: Record,
@@ -143,6 +158,12 @@ pub struct Message {
 
 impl Message {
     /// The text to publish for a record just written (`value` is its encoding).
+    /// A heartbeat: proves the subscription still delivers.
+    pub fn heartbeat(from: &str) -> Vec<u8> {
+        let now_ms = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        format!("{from} {now_ms} hb").into_bytes()
+    }
+
     pub fn encode(from: &str, digest: &TokenDigest, value: &[u8]) -> Vec<u8> {
         let now_ms = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         let mut out = format!("{from} {now_ms} {} ", digest.to_hex()).into_bytes();
@@ -152,7 +173,7 @@ impl Message {
 
     pub fn parse(payload: &[u8]) -> Option<Self> {
         let mut parts = payload.splitn(4, |b| *b == b' ');
-        let from = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+        parts.next()?; // the publishing replica
         let at_ms = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
         let hex = parts.next()?;
         if hex.len() != 64 {
@@ -164,7 +185,6 @@ impl Message {
         }
         let record = codec::decode(parts.next()?).ok()?;
         Some(Self {
-            from,
             at_ms,
             digest: TokenDigest::from_bytes(bytes),
             record,
@@ -179,7 +199,7 @@ pub fn spawn(store: RedisStore, table: Weak<ScopeTable>) {
     let ping_table = table.clone();
     tokio::spawn(async move {
         connecting.connect_loop().await;
-        if connecting.ping().await.is_ok() {
+        if connecting.heartbeat().await.is_ok() {
             connecting.health().store_answered();
         }
         // A count for the gauge, now that the store can be read.
@@ -196,13 +216,13 @@ async fn ping_loop(store: RedisStore, table: Weak<ScopeTable>) {
         if table.strong_count() == 0 {
             return;
         }
-        match store.ping().await {
+        match store.heartbeat().await {
             Ok(()) => store.health().store_answered(),
             Err(_) => {
                 store.health().store_failed();
-                // Messages may be going missing; stop trusting the cache and resubscribe.
+                // Messages may be going missing; stop trusting the cache (the subscription
+                // loop sees it and resubscribes).
                 store.health().subscription_lost();
-                store.health().broken.notify_waiters();
             }
         }
         tokio::time::sleep(PING_INTERVAL).await;
@@ -226,6 +246,7 @@ async fn subscribe_loop(store: RedisStore, table: Weak<ScopeTable>) {
                 backoff = BACKOFF_FIRST;
                 health.subscription_up();
                 let mut messages = pubsub.on_message();
+                let mut watchdog = tokio::time::interval(PING_INTERVAL);
                 loop {
                     tokio::select! {
                         message = messages.next() => match message {
@@ -235,7 +256,16 @@ async fn subscribe_loop(store: RedisStore, table: Weak<ScopeTable>) {
                             }
                             None => break,
                         },
-                        () = health.broken.notified() => break,
+                        _ = watchdog.tick() => {
+                            if !health.is_subscribed() {
+                                break;
+                            }
+                            let silent = health.heard_own.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+                            if silent > HEARTBEAT_TIMEOUT {
+                                tracing::warn!(?silent, "own heartbeat not heard on the subscription; resubscribing");
+                                break;
+                            }
+                        }
                     }
                 }
                 health.subscription_lost();
@@ -249,13 +279,19 @@ async fn subscribe_loop(store: RedisStore, table: Weak<ScopeTable>) {
 }
 
 async fn apply(table: &ScopeTable, health: &FanoutHealth, payload: &[u8]) {
+    let from = payload.split(|b| *b == b' ').next().unwrap_or_default();
+    if from == health.replica.as_bytes() {
+        // Our own heartbeat or change, back through Redis: the subscription is alive.
+        *health.heard_own.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        return;
+    }
+    if payload.ends_with(HEARTBEAT_MARK) {
+        return;
+    }
     let Some(message) = Message::parse(payload) else {
         tracing::warn!("ignoring an unreadable scope change message");
         return;
     };
-    if message.from == health.replica {
-        return;
-    }
     let now_ms = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
     let lag_ms = (now_ms - i128::from(message.at_ms)).max(0);
     health.metrics.fanout_received(lag_ms as f64 / 1000.0);
@@ -279,7 +315,6 @@ mod tests {
         let bytes = Message::encode("r1", &digest, &codec::encode(&record));
         assert!(!String::from_utf8_lossy(&bytes).contains("rlcr-"));
         let parsed = Message::parse(&bytes).unwrap();
-        assert_eq!(parsed.from, "r1");
         assert_eq!(parsed.digest, digest);
         assert!(matches!(parsed.record, Record::Revoked(_)));
         assert!(Message::parse(b"r1 12 abc {}").is_none());

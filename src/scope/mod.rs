@@ -17,11 +17,12 @@ mod redis_store;
 mod store;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
+use moka::ops::compute::Op;
 use moka::Expiry;
 use time::OffsetDateTime;
 
@@ -107,6 +108,14 @@ struct Slot {
     epoch: u64,
     verified_at: Instant,
     /// The fan-out change counter just before the store was read.
+    changes: u64,
+}
+
+/// Taken before a store read: the fan-out epoch and the change counter at that moment.
+/// A slot made from the read carries them, so a change that crossed the read is seen.
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    epoch: u64,
     changes: u64,
 }
 
@@ -201,6 +210,9 @@ pub struct ScopeTable {
     revalidating: Mutex<HashSet<TokenDigest>>,
     /// Coalesces inline re-confirmations of idle entries (one upstream call per token).
     confirming: Cache<TokenDigest, ()>,
+    /// Bumped by every local learn and revoke (fan-out and subscription changes count in
+    /// [`FanoutHealth::changes`]): a lookup whose store read crossed one reads again.
+    changes: AtomicU64,
 }
 
 impl ScopeTable {
@@ -237,6 +249,7 @@ impl ScopeTable {
             active: AtomicI64::new(i64::try_from(active).unwrap_or(i64::MAX)),
             revalidating: Mutex::new(HashSet::new()),
             confirming: confirming_cache(),
+            changes: AtomicU64::new(0),
         });
         table.publish_count();
         if let Store::Redis(redis) = &table.store {
@@ -265,6 +278,7 @@ impl ScopeTable {
                 active: AtomicI64::new(0),
                 revalidating: Mutex::new(HashSet::new()),
                 confirming: confirming_cache(),
+                changes: AtomicU64::new(0),
             }),
         }
     }
@@ -356,18 +370,87 @@ impl ScopeTable {
         }
     }
 
-    /// A cache entry for something just read from (or written to) the store.
-    fn slot(&self, cached: Cached, changes: u64) -> Slot {
-        Slot {
-            cached,
+    /// Taken before a store read; see [`Stamp`].
+    fn stamp(&self) -> Stamp {
+        Stamp {
             epoch: self.store.fanout().map_or(0, |h| h.epoch()),
-            verified_at: Instant::now(),
-            changes,
+            changes: self.changes_now(),
         }
     }
 
-    fn fanout_changes(&self) -> u64 {
-        self.store.fanout().map_or(0, |h| h.changes())
+    fn changes_now(&self) -> u64 {
+        self.changes
+            .load(Ordering::Acquire)
+            .wrapping_add(self.store.fanout().map_or(0, |h| h.changes()))
+    }
+
+    fn note_change(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A cache entry for something read from (or written to) the store after `stamp`.
+    fn slot(&self, cached: Cached, stamp: Stamp) -> Slot {
+        Slot {
+            cached,
+            epoch: stamp.epoch,
+            verified_at: Instant::now(),
+            changes: stamp.changes,
+        }
+    }
+
+    /// Caches a slot, except over a revocation: a token revoked here stays revoked in
+    /// this cache whatever older read or message arrives later (revocations are final).
+    async fn put_slot(&self, digest: TokenDigest, slot: Slot) {
+        let revoking = matches!(slot.cached, Cached::Known(Record::Revoked(_)));
+        self.cache
+            .entry(digest)
+            .and_compute_with(|existing| async move {
+                let holds_revocation = existing
+                    .is_some_and(|e| matches!(e.value().cached, Cached::Known(Record::Revoked(_))));
+                if holds_revocation && !revoking {
+                    Op::Nop
+                } else {
+                    Op::Put(slot)
+                }
+            })
+            .await;
+    }
+
+    /// Caches what a read after `stamp` found, unless a change crossed the read: then it
+    /// reads once more (a revocation may have been applied and then overwritten by this
+    /// older answer). `fallback` is what to keep if the store has nothing (e.g. an
+    /// introspection answer, or unknown). A failing re-read drops the entry.
+    async fn settle(
+        &self,
+        digest: TokenDigest,
+        found: Cached,
+        stamp: Stamp,
+    ) -> Result<Cached, Refusal> {
+        if self.changes_now() == stamp.changes {
+            // The memory store is read directly; its cache holds only negatives.
+            if !(self.store.is_memory() && matches!(found, Cached::Known(_))) {
+                self.put_slot(digest, self.slot(found.clone(), stamp)).await;
+            }
+            return Ok(found);
+        }
+        let again = self.stamp();
+        match self.store.get(&digest).await {
+            Ok(record) => {
+                let fresh = record.map_or(found, Cached::Known);
+                let memory_known = self.store.is_memory() && matches!(fresh, Cached::Known(_));
+                if self.changes_now() == again.changes && !memory_known {
+                    self.put_slot(digest, self.slot(fresh.clone(), again)).await;
+                } else {
+                    // Still moving: cache nothing; the next request reads again.
+                    self.cache.invalidate(&digest).await;
+                }
+                Ok(fresh)
+            }
+            Err(_) => {
+                self.cache.invalidate(&digest).await;
+                Err(Refusal::ScopeUnavailable)
+            }
+        }
     }
 
     /// Makes a record written to the store visible to the next lookup: cached, or (with
@@ -376,8 +459,8 @@ impl ScopeTable {
         if self.store.is_memory() {
             self.cache.invalidate(&digest).await;
         } else {
-            let slot = self.slot(Cached::Known(record), self.fanout_changes());
-            self.cache.insert(digest, slot).await;
+            let slot = self.slot(Cached::Known(record), self.stamp());
+            self.put_slot(digest, slot).await;
         }
     }
 
@@ -385,8 +468,8 @@ impl ScopeTable {
     /// replica has not looked up are read from the store when they are.
     async fn apply_change(&self, digest: TokenDigest, record: Record) {
         if self.cache.contains_key(&digest) {
-            let slot = self.slot(Cached::Known(record), self.fanout_changes());
-            self.cache.insert(digest, slot).await;
+            let slot = self.slot(Cached::Known(record), self.stamp());
+            self.put_slot(digest, slot).await;
         }
     }
 
@@ -454,23 +537,14 @@ impl ScopeTable {
             .try_get_with(digest, self.load(digest, token))
             .await
             .map_err(|_| Refusal::ScopeUnavailable)?;
-        if let Some(health) = self.store.fanout() {
-            if health.changes() != slot.changes {
-                // A published change crossed this read; it may have been for this token
-                // and applied before the read landed in the cache. Read once more.
-                let changes = health.changes();
-                return match self.store.get(&digest).await {
-                    Ok(Some(record)) => {
-                        let cached = Cached::Known(record);
-                        let fresh = self.slot(cached.clone(), changes);
-                        self.cache.insert(digest, fresh).await;
-                        Ok(cached)
-                    }
-                    // Nothing newer than what the load decided.
-                    Ok(None) => Ok(slot.cached),
-                    Err(_) => Err(Refusal::ScopeUnavailable),
-                };
-            }
+        if self.changes_now() != slot.changes {
+            // A change (a local revoke, a published one) crossed this load's read, and the
+            // cache may now hold this older answer over it: settle reads once more.
+            let stamp = Stamp {
+                epoch: slot.epoch,
+                changes: slot.changes,
+            };
+            return self.settle(digest, slot.cached, stamp).await;
         }
         Ok(slot.cached)
     }
@@ -485,16 +559,15 @@ impl ScopeTable {
         health: &FanoutHealth,
     ) -> Result<Option<Cached>, Refusal> {
         if health.is_reachable() {
-            let changes = health.changes();
+            let stamp = self.stamp();
             match self.store.get(&digest).await {
                 Ok(Some(record)) => {
                     self.metrics
                         .scope_lookup(LookupTier::Store, LookupResult::Hit);
-                    let cached = Cached::Known(record);
-                    self.cache
-                        .insert(digest, self.slot(cached.clone(), changes))
-                        .await;
-                    return Ok(Some(cached));
+                    return self
+                        .settle(digest, Cached::Known(record), stamp)
+                        .await
+                        .map(Some);
                 }
                 Ok(None) => {
                     self.metrics
@@ -522,7 +595,7 @@ impl ScopeTable {
     }
 
     async fn load(&self, digest: TokenDigest, token: Option<TokenSecret>) -> Result<Slot, ()> {
-        let changes = self.fanout_changes();
+        let stamp = self.stamp();
         if let Some(health) = self.store.fanout() {
             // Known to be down: answer at once rather than wait for a timeout.
             if !health.is_reachable() {
@@ -535,7 +608,7 @@ impl ScopeTable {
             Ok(Some(record)) => {
                 self.metrics
                     .scope_lookup(LookupTier::Store, LookupResult::Hit);
-                return Ok(self.slot(Cached::Known(record), changes));
+                return Ok(self.slot(Cached::Known(record), stamp));
             }
             Ok(None) => {
                 self.metrics
@@ -554,7 +627,7 @@ impl ScopeTable {
             return if store_failed {
                 Err(())
             } else {
-                Ok(self.slot(Cached::Unknown, changes))
+                Ok(self.slot(Cached::Unknown, stamp))
             };
         };
         if store_failed && self.store.fanout().is_some() {
@@ -564,22 +637,29 @@ impl ScopeTable {
         }
         if let Store::Redis(redis) = &self.store {
             if let Some(shared) = self.await_other_replica(redis, &digest).await? {
-                return Ok(self.slot(shared, changes));
+                return Ok(self.slot(shared, stamp));
             }
         }
         match self.ask_upstream(introspector, digest, &token).await {
             Some(Answer::Known(scope)) => {
                 let record = scope.into_record(Source::Introspection);
-                match self.store.put(digest, record.clone()).await {
-                    Ok(()) => {
+                match self.store.put_unless_revoked(digest, record.clone()).await {
+                    Ok(true) => {
                         self.active.fetch_add(1, Ordering::Relaxed);
                         self.publish_count();
+                    }
+                    // Revoked while the upstream answered: the revocation stands.
+                    Ok(false) => {
+                        return match self.store.get(&digest).await {
+                            Ok(Some(revoked)) => Ok(self.slot(Cached::Known(revoked), stamp)),
+                            _ => Err(()),
+                        };
                     }
                     // Still serve it from the cache: the upstream just vouched for it.
                     Err(error) => tracing::warn!(%error, "could not store an introspected scope"),
                 }
                 self.metrics.token_learned(Source::Introspection);
-                Ok(self.slot(Cached::Known(record), changes))
+                Ok(self.slot(Cached::Known(record), stamp))
             }
             Some(Answer::Unknown) => {
                 if let Store::Redis(redis) = &self.store {
@@ -588,7 +668,7 @@ impl ScopeTable {
                         tracing::warn!(%error, "could not share an unknown token");
                     }
                 }
-                Ok(self.slot(Cached::Unknown, changes))
+                Ok(self.slot(Cached::Unknown, stamp))
             }
             None => Err(()),
         }
@@ -675,10 +755,11 @@ impl ScopeTable {
                     _ => return true,
                 };
                 let record = scope.into_record(source);
-                if let Err(error) = self.store.put(digest, record.clone()).await {
-                    tracing::warn!(%error, "could not store a revalidated scope");
+                match self.store.put_unless_revoked(digest, record.clone()).await {
+                    Ok(true) => self.remember(digest, record).await,
+                    Ok(false) => {}
+                    Err(error) => tracing::warn!(%error, "could not store a revalidated scope"),
                 }
-                self.remember(digest, record).await;
                 true
             }
             Some(Answer::Unknown) => {
@@ -709,10 +790,17 @@ impl ScopeTable {
             entry: entry.clone(),
             confirmed_at: OffsetDateTime::now_utc(),
         });
-        self.store
-            .put(digest, record.clone())
+        self.note_change();
+        // Conditional in the store: a revocation that landed since the read above (here
+        // or on another replica) wins.
+        if !self
+            .store
+            .put_unless_revoked(digest, record.clone())
             .await
-            .map_err(LearnError::Store)?;
+            .map_err(LearnError::Store)?
+        {
+            return Err(LearnError::Revoked);
+        }
         self.remember(digest, record).await;
         if previous.is_none() {
             self.active.fetch_add(1, Ordering::Relaxed);
@@ -727,6 +815,16 @@ impl ScopeTable {
     /// Returns whether the token was active.
     pub async fn revoke(&self, digest: TokenDigest, source: Source) -> Result<bool, StoreError> {
         let now = OffsetDateTime::now_utc();
+        // Refused here from now on, even if the store cannot be read or written (the
+        // caller then hears the error and retries; other replicas wait for that).
+        self.note_change();
+        if !self.store.is_memory() {
+            let provisional = Record::Revoked(Tombstone {
+                revoked_at: now,
+                retain_until: now + TOMBSTONE_RETENTION,
+            });
+            self.remember(digest, provisional).await;
+        }
         let previous = self.store.get(&digest).await?;
         let retain_until = match &previous {
             Some(Record::Active(a)) => a.entry.expires_at.unwrap_or(now + TOMBSTONE_RETENTION),
@@ -737,11 +835,6 @@ impl ScopeTable {
             revoked_at: now,
             retain_until,
         });
-        // Refused here from now on, even if the store cannot record it (then the
-        // caller hears the error and retries; other replicas wait for that).
-        if !self.store.is_memory() {
-            self.remember(digest, record.clone()).await;
-        }
         self.store.put(digest, record.clone()).await?;
         self.remember(digest, record).await;
         let was_active = matches!(previous, Some(Record::Active(_)));

@@ -33,6 +33,19 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 const INTROSPECTION_CLAIM: Duration = Duration::from_secs(3);
 /// Keys are read in batches of this many when listing.
 const SCAN_BATCH: usize = 500;
+/// KEYS: scope, tombstone, negative. ARGV: value, PXAT in ms or "", channel, message.
+/// A tombstone wins: nothing is written or published and 0 is returned.
+const LEARN_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if ARGV[2] == '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
+end
+redis.call('DEL', KEYS[3])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+";
 
 /// What a replica waiting for another replica's introspection finds.
 pub enum Shared {
@@ -45,6 +58,8 @@ pub enum Shared {
 #[derive(Clone)]
 pub struct RedisStore {
     client: redis::Client,
+    /// Writes an active record only if no tombstone exists, and announces it.
+    learn_script: Arc<redis::Script>,
     /// Established in the background, so the gateway starts (unready) without Redis.
     conn: Arc<OnceCell<ConnectionManager>>,
     health: Arc<FanoutHealth>,
@@ -81,6 +96,7 @@ impl RedisStore {
             .map_err(|e| StoreError::new(format!("scopes.redis_url: {e}")))?;
         Ok(Self {
             client,
+            learn_script: Arc::new(redis::Script::new(LEARN_SCRIPT)),
             conn: Arc::new(OnceCell::new()),
             health,
         })
@@ -133,12 +149,14 @@ impl RedisStore {
     {
         match tokio::time::timeout(COMMAND_TIMEOUT, op).await {
             Ok(Ok(value)) => Ok(value),
+            // Counted; readiness follows the PING alone, so one slow listing or a
+            // single failed write does not take the replica out of service.
             Ok(Err(error)) => {
-                self.health.store_failed();
+                self.health.command_failed();
                 Err(StoreError::new(format!("redis: {error}")))
             }
             Err(_) => {
-                self.health.store_failed();
+                self.health.command_failed();
                 Err(StoreError::new("redis: no answer within 1s"))
             }
         }
@@ -197,6 +215,39 @@ impl RedisStore {
         }
         pipe.publish(CHANNEL, message).ignore();
         self.run(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    /// Writes an active record unless the token has a tombstone (checked inside Redis, so
+    /// a revocation on another replica between a read and this write wins), and
+    /// announces it. False when revoked.
+    pub async fn put_unless_revoked(
+        &self,
+        digest: &TokenDigest,
+        record: &Record,
+    ) -> Result<bool, StoreError> {
+        let Record::Active(active) = record else {
+            self.put(digest, record).await?;
+            return Ok(true);
+        };
+        let mut conn = self.conn()?;
+        let value = codec::encode(record);
+        let message = Message::encode(self.health.replica(), digest, &value);
+        let pxat = active
+            .entry
+            .expires_at
+            .map(|at| unix_ms(at).max(1).to_string())
+            .unwrap_or_default();
+        let mut invocation = self.learn_script.prepare_invoke();
+        invocation
+            .key(key(digest, 's'))
+            .key(key(digest, 'r'))
+            .key(key(digest, 'n'))
+            .arg(value)
+            .arg(pxat)
+            .arg(CHANNEL)
+            .arg(message);
+        let written: i64 = self.run(invocation.invoke_async(&mut conn)).await?;
+        Ok(written == 1)
     }
 
     /// Remembers for `ttl` that the upstream does not know this token (shared negative).
@@ -288,11 +339,18 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// One round trip (`PING`), for readiness.
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    /// One round trip that publishes this replica's heartbeat: Redis answering is
+    /// readiness, and hearing it back proves the subscription delivers.
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
-        self.run(redis::cmd("PING").query_async::<()>(&mut conn))
-            .await
+        let message = Message::heartbeat(self.health.replica());
+        self.run(
+            redis::cmd("PUBLISH")
+                .arg(CHANNEL)
+                .arg(message)
+                .query_async::<()>(&mut conn),
+        )
+        .await
     }
 }
 

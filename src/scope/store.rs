@@ -86,6 +86,33 @@ impl Store {
         }
     }
 
+    /// Writes an active record unless the token is revoked, atomically in the store (so
+    /// a revocation that lands between a read and this write, on any replica, wins).
+    /// Returns false, writing nothing, when it is revoked.
+    pub async fn put_unless_revoked(
+        &self,
+        digest: TokenDigest,
+        record: Record,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(map) => {
+                let mut map = write(map);
+                if matches!(map.get(&digest), Some(Record::Revoked(_))) {
+                    return Ok(false);
+                }
+                map.insert(digest, record);
+                Ok(true)
+            }
+            Store::Embedded(store) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.put_unless_revoked(&digest, &record))
+                    .await
+                    .map_err(StoreError::from_display)?
+            }
+            Store::Redis(store) => store.put_unless_revoked(&digest, &record).await,
+        }
+    }
+
     pub async fn remove_all(&self, digests: Vec<TokenDigest>) -> Result<(), StoreError> {
         match self {
             Store::Memory(map) => {
