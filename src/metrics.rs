@@ -268,7 +268,7 @@ impl Metrics {
         registry.register(Box::new(store_errors.clone()))?;
         let store_up = IntGauge::new(
             "scopegate_store_up",
-            "1 while the scope store answers (Redis: its once-a-second PING).",
+            "1 while the scope store answers (Redis: its once-a-second heartbeat).",
         )?;
         registry.register(Box::new(store_up.clone()))?;
         store_up.set(1);
