@@ -725,3 +725,54 @@ async fn a_cache_hit_never_touches_redis() {
     assert!(reads.is_empty(), "cache hits went to Redis: {reads:?}");
     assert_eq!(repo_requests(&fake), 51);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_during_a_slow_introspection_on_another_replica_wins() {
+    let fake = FakeRelace::start().await;
+    let redis = RedisServer::start(Persistence::None);
+    let key = key_file(ACCOUNT_KEY);
+    let builder = replica_config(
+        &fake,
+        &redis,
+        &[
+            (
+                "upstream.api_key_file",
+                &toml_str(key.path().to_str().expect("path")),
+            ),
+            ("scopes.introspect", "true"),
+        ],
+    );
+    let r = replicas(&builder, 2).await;
+    let token = fake.mint("slow", &[REPO_A], Some(600));
+    fake.set_token_lookup_delay(Duration::from_millis(600));
+    // Replica 1 starts learning the token; the upstream has said "valid" but is slow.
+    let (proxy, learning_token) = (r[0].proxy, token.clone());
+    let first = tokio::spawn(async move { get_file(proxy, &learning_token, REPO_A).await });
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            introspection_calls(&fake) == 1
+        })
+        .await,
+        "replica 1 never asked the upstream"
+    );
+    // Meanwhile the orchestrator deletes it through replica 2.
+    let deleted = call_with_auth(
+        r[1].admin,
+        "DELETE",
+        &format!("/v1/repo_token/{token}"),
+        &bearer(ACCOUNT_KEY),
+    )
+    .await;
+    assert!(deleted.status / 100 == 2, "{}", body_text(&deleted));
+    // The late "valid" answer must not bring it back, on either replica.
+    let late = first.await.expect("request task");
+    assert_refused(&late, 401, "token_revoked");
+    for replica in &r {
+        assert_refused(
+            &get_file(replica.proxy, &token, REPO_A).await,
+            401,
+            "token_revoked",
+        );
+    }
+    assert_eq!(repo_requests(&fake), 0, "nothing reached a repo route");
+}

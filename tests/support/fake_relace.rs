@@ -138,6 +138,8 @@ impl Token {
 struct Inner {
     requests: Vec<Recorded>,
     tokens: HashMap<String, Token>,
+    /// `GET /v1/repo_token/<token>` answers this late (decided first, sent after).
+    token_lookup_delay: Duration,
 }
 
 #[derive(Default)]
@@ -282,6 +284,12 @@ impl FakeRelace {
     }
 
     /// Whether `token` exists and has not expired.
+    /// Makes token lookups (introspection) answer `delay` late: the answer is decided when
+    /// the request arrives, as a slow upstream's would be.
+    pub fn set_token_lookup_delay(&self, delay: Duration) {
+        self.shared.lock().token_lookup_delay = delay;
+    }
+
     pub fn has_token(&self, token: &str) -> bool {
         let now = OffsetDateTime::now_utc();
         self.shared
@@ -411,7 +419,14 @@ async fn handle(
             Ok(match (account, &parts.method) {
                 (Route::TokenCreate, &Method::POST) => create_token(&shared, &drained),
                 (Route::TokenCreate, _) => method_not_allowed("POST"),
-                (Route::Token(token), &Method::GET) => get_token(&shared, token),
+                (Route::Token(token), &Method::GET) => {
+                    let answer = get_token(&shared, token);
+                    let delay = shared.lock().token_lookup_delay;
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    answer
+                }
                 (Route::Token(token), &Method::DELETE) => delete_token(&shared, token),
                 (Route::Token(_), _) => method_not_allowed("GET, DELETE"),
                 (Route::RepoList, &Method::GET) => {
