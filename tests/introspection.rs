@@ -70,36 +70,12 @@ async fn setup() -> Setup {
     setup_with(Some(ACCOUNT_KEY), &[]).await
 }
 
-fn is_introspection(r: &Recorded) -> bool {
-    r.method == "GET" && r.target.starts_with("/v1/repo_token/")
-}
-
-/// Every introspection (or re-confirmation) the fake has seen.
-fn introspections(fake: &FakeRelace) -> Vec<Recorded> {
-    fake.requests()
-        .into_iter()
-        .filter(is_introspection)
-        .collect()
-}
-
-fn introspection_count(fake: &FakeRelace) -> usize {
-    introspections(fake).len()
-}
-
 /// Introspections of one particular token.
 fn introspections_of(fake: &FakeRelace, token: &str) -> usize {
     let target = format!("/v1/repo_token/{token}");
-    introspections(fake)
+    fake.token_lookups()
         .iter()
         .filter(|r| r.target == target)
-        .count()
-}
-
-/// Requests that reached the upstream's repo routes (forwarded sandbox requests).
-fn forwarded_count(fake: &FakeRelace) -> usize {
-    fake.requests()
-        .iter()
-        .filter(|r| r.target.starts_with("/v1/repo/"))
         .count()
 }
 
@@ -192,7 +168,7 @@ async fn upstream_only_token_is_learned_once_and_served_from_cache() {
 
     let first = get_file(&s.gw, &token, REPO_A).await;
     assert_forwarded(&first, REPO_A);
-    let seen = introspections(&s.fake);
+    let seen = s.fake.token_lookups();
     assert_eq!(seen.len(), 1, "one introspection on first use");
     assert_eq!(seen[0].target, format!("/v1/repo_token/{token}"));
     assert_eq!(
@@ -203,7 +179,7 @@ async fn upstream_only_token_is_learned_once_and_served_from_cache() {
     // The introspection came before the forwarded request, which kept its own credential.
     let requests = s.fake.requests();
     assert!(
-        is_introspection(&requests[0]),
+        requests[0].method == "GET" && requests[0].target.starts_with("/v1/repo_token/"),
         "introspect first, then forward"
     );
     assert_eq!(requests[1].target, file_url(REPO_A));
@@ -216,13 +192,13 @@ async fn upstream_only_token_is_learned_once_and_served_from_cache() {
         let r = get_file(&s.gw, &token, REPO_A).await;
         assert_forwarded(&r, REPO_A);
         assert_eq!(
-            introspection_count(&s.fake),
+            s.fake.token_lookups().len(),
             1,
             "request {} after learning must be served from the cache",
             i + 2
         );
     }
-    assert_eq!(forwarded_count(&s.fake), 6);
+    assert_eq!(s.fake.repo_requests(), 6);
 
     let entry = listed_entry(&s.gw, &token)
         .await
@@ -282,7 +258,7 @@ async fn concurrent_first_requests_make_one_introspection() {
         1,
         "concurrent misses for one token must make exactly one upstream call"
     );
-    assert_eq!(forwarded_count(&s.fake), 64);
+    assert_eq!(s.fake.repo_requests(), 64);
 }
 
 /// 64 simultaneous requests with a token nobody knows: one introspection, 64 refusals.
@@ -293,8 +269,8 @@ async fn concurrent_unknown_token_requests_make_one_introspection() {
     for r in simultaneous_gets(&s.gw, &token, 64).await {
         assert_refused(&r, 401, "unknown_token");
     }
-    assert_eq!(introspection_count(&s.fake), 1);
-    assert_eq!(forwarded_count(&s.fake), 0);
+    assert_eq!(s.fake.token_lookups().len(), 1);
+    assert_eq!(s.fake.repo_requests(), 0);
 }
 
 /// A token the upstream does not know is remembered as unknown for `negative_ttl`, then
@@ -334,7 +310,7 @@ async fn unknown_token_is_introspected_once_per_negative_ttl() {
         2,
         "the renewed negative entry is cached again"
     );
-    assert_eq!(forwarded_count(&s.fake), 0);
+    assert_eq!(s.fake.repo_requests(), 0);
     assert_eq!(
         metric_value(&s.gw.metrics().await, INTROSPECTION_MISSES),
         2.0
@@ -352,7 +328,7 @@ async fn registration_replaces_a_negative_entry_at_once() {
     assert_eq!(r.status, 201, "register: {}", body_text(&r));
     let r = get_file(&s.gw, &token, REPO_A).await;
     assert_forwarded(&r, REPO_A);
-    assert_eq!(introspection_count(&s.fake), 1);
+    assert_eq!(s.fake.token_lookups().len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -370,7 +346,7 @@ async fn introspection_failure_is_503_and_not_cached() {
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(introspections_of(&s.fake, &token), 1);
     assert_eq!(
-        introspections(&s.fake)[0].header_all("authorization"),
+        s.fake.token_lookups()[0].header_all("authorization"),
         vec![bearer(WRONG_KEY)],
         "the configured key (trimmed of its newline) is what was sent"
     );
@@ -383,11 +359,7 @@ async fn introspection_failure_is_503_and_not_cached() {
         2,
         "a failed introspection is not cached: the next request asks again"
     );
-    assert_eq!(
-        forwarded_count(&s.fake),
-        0,
-        "fail closed: nothing forwarded"
-    );
+    assert_eq!(s.fake.repo_requests(), 0, "fail closed: nothing forwarded");
     let metrics = s.gw.metrics().await;
     assert_eq!(metric_value(&metrics, INTROSPECTION_ERRORS), 2.0);
     assert_eq!(metric_value(&metrics, LEARNED_INTROSPECTION), 0.0);
@@ -456,7 +428,7 @@ async fn introspect_false_does_not_revalidate() {
         let r = get_file(&s.gw, &token, REPO_A).await;
         assert_forwarded(&r, REPO_A);
     }
-    assert_eq!(introspection_count(&s.fake), 0);
+    assert_eq!(s.fake.token_lookups().len(), 0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -501,13 +473,13 @@ async fn assert_upstream_deletion_revokes(s: &Setup, token: &str, source: &str) 
 
     // Revoked for good: no further forwards, no further introspection.
     let asked = introspections_of(&s.fake, token);
-    let forwarded = forwarded_count(&s.fake);
+    let forwarded = s.fake.repo_requests();
     for _ in 0..3 {
         let r = get_file(&s.gw, token, REPO_A).await;
         assert_refused(&r, 401, "token_revoked");
     }
     assert_eq!(introspections_of(&s.fake, token), asked);
-    assert_eq!(forwarded_count(&s.fake), forwarded);
+    assert_eq!(s.fake.repo_requests(), forwarded);
     assert!(
         listed_entry(&s.gw, token).await.is_none(),
         "a revoked token is no longer listed"
@@ -603,7 +575,7 @@ async fn revalidation_error_keeps_the_entry_and_is_counted() {
     let token = s.gw.token_for(&[REPO_A]).await;
     let r = get_file(&s.gw, &token, REPO_A).await;
     assert_forwarded(&r, REPO_A);
-    assert_eq!(introspection_count(&s.fake), 0, "fresh: no re-confirmation");
+    assert_eq!(s.fake.token_lookups().len(), 0, "fresh: no re-confirmation");
 
     tokio::time::sleep(REVALIDATE_AFTER + MARGIN).await;
     let before = s.fake.request_count();
@@ -654,7 +626,7 @@ async fn local_revocation_is_not_undone_by_introspection() {
     let target = format!("/admin/tokens/{}", token_id(&token));
     let r = call_with_auth(s.gw.admin, "DELETE", &target, &bearer(ADMIN_TOKEN)).await;
     assert_eq!(r.status, 204, "admin revoke: {}", body_text(&r));
-    let asked = introspection_count(&s.fake);
+    let asked = s.fake.token_lookups().len();
     for _ in 0..3 {
         let r = get_file(&s.gw, &token, REPO_A).await;
         assert_refused(&r, 401, "token_revoked");
@@ -663,7 +635,7 @@ async fn local_revocation_is_not_undone_by_introspection() {
     let r = get_file(&s.gw, &token, REPO_A).await;
     assert_refused(&r, 401, "token_revoked");
     assert_eq!(
-        introspection_count(&s.fake),
+        s.fake.token_lookups().len(),
         asked,
         "a revoked token is not introspected again"
     );
@@ -692,12 +664,12 @@ async fn minted_token_with_ttl_is_refused_once_expired() {
     );
 
     sleep_past(expires_at).await;
-    let forwarded = forwarded_count(&s.fake);
+    let forwarded = s.fake.repo_requests();
     let r = get_file(&s.gw, &token, REPO_A).await;
     assert_refused(&r, 401, "token_expired");
-    assert_eq!(forwarded_count(&s.fake), forwarded);
+    assert_eq!(s.fake.repo_requests(), forwarded);
     assert_eq!(
-        introspection_count(&s.fake),
+        s.fake.token_lookups().len(),
         0,
         "a minted token is never introspected"
     );
@@ -752,7 +724,7 @@ async fn introspected_token_with_expiry_is_refused_once_expired() {
     sleep_past(expires_at).await;
     let r = get_file(&s.gw, &token, REPO_A).await;
     assert_refused(&r, 401, "token_expired");
-    assert_eq!(introspection_count(&s.fake), 1);
+    assert_eq!(s.fake.token_lookups().len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -85,20 +85,6 @@ async fn metrics_of(r: &GatewayProcess) -> String {
     body_text(&call(r.admin, "GET", "/metrics", &[], b"").await)
 }
 
-fn introspection_calls(fake: &FakeRelace) -> usize {
-    fake.requests()
-        .iter()
-        .filter(|r| r.method == "GET" && r.target.starts_with("/v1/repo_token/"))
-        .count()
-}
-
-fn repo_requests(fake: &FakeRelace) -> usize {
-    fake.requests()
-        .iter()
-        .filter(|r| r.target.starts_with("/v1/repo/"))
-        .count()
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -136,7 +122,7 @@ async fn a_token_minted_on_one_replica_works_on_the_others_at_the_first_request(
         );
     }
     assert_eq!(
-        introspection_calls(&fake),
+        fake.token_lookups().len(),
         0,
         "the other replicas read the minted scope from Redis, not the upstream"
     );
@@ -301,7 +287,7 @@ async fn an_expired_token_is_refused_everywhere_and_expires_in_redis_at_its_time
         Some(":0\r\n")
     );
     assert_eq!(
-        repo_requests(&fake),
+        fake.repo_requests(),
         3,
         "only the three allowed requests went upstream"
     );
@@ -332,10 +318,10 @@ async fn with_redis_down_cached_tokens_serve_for_max_staleness_and_everything_re
     // Cached on replica 2: keeps working within max_staleness.
     assert_eq!(get_file(r[1].proxy, &token, REPO_A).await.status, 200);
     // Never seen by replica 2: 503 at once, nothing upstream.
-    let before = repo_requests(&fake);
+    let before = fake.repo_requests();
     let unknown = get_file(r[1].proxy, &new_token(), REPO_A).await;
     assert_refused(&unknown, 503, "scope_unavailable");
-    assert_eq!(repo_requests(&fake), before);
+    assert_eq!(fake.repo_requests(), before);
     // Readiness drops within 5 s of the kill.
     let left = ready_deadline.saturating_duration_since(Instant::now());
     assert!(
@@ -526,7 +512,7 @@ async fn concurrent_misses_on_several_replicas_make_few_introspections_and_share
     });
     let statuses = futures_util::future::join_all(requests).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    let calls = introspection_calls(&fake);
+    let calls = fake.token_lookups().len();
     assert_eq!(calls, 1, "introspections for one token over 3 replicas");
     // An unknown token: the 404 is shared too.
     let stranger = new_token();
@@ -539,7 +525,7 @@ async fn concurrent_misses_on_several_replicas_make_few_introspections_and_share
         assert_refused(resp, 401, "unknown_token");
     }
     assert_eq!(
-        introspection_calls(&fake) - calls,
+        fake.token_lookups().len() - calls,
         1,
         "the 404 is shared too"
     );
@@ -641,7 +627,7 @@ async fn a_replica_started_before_redis_is_unready_then_serves_once_redis_answer
     );
     assert_eq!(register_at(replica.admin, &body).await.status, 201);
     assert_eq!(get_file(replica.proxy, &token, REPO_A).await.status, 200);
-    assert_eq!(repo_requests(&fake), 1);
+    assert_eq!(fake.repo_requests(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -723,7 +709,7 @@ async fn a_cache_hit_never_touches_redis() {
         .filter(|l| !l.contains("\"publish\"") && !l.trim().is_empty())
         .collect();
     assert!(reads.is_empty(), "cache hits went to Redis: {reads:?}");
-    assert_eq!(repo_requests(&fake), 51);
+    assert_eq!(fake.repo_requests(), 51);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -750,7 +736,7 @@ async fn a_revocation_during_a_slow_introspection_on_another_replica_wins() {
     let first = tokio::spawn(async move { get_file(proxy, &learning_token, REPO_A).await });
     assert!(
         wait_for(Duration::from_secs(5), || async {
-            introspection_calls(&fake) == 1
+            fake.token_lookups().len() == 1
         })
         .await,
         "replica 1 never asked the upstream"
@@ -774,5 +760,5 @@ async fn a_revocation_during_a_slow_introspection_on_another_replica_wins() {
             "token_revoked",
         );
     }
-    assert_eq!(repo_requests(&fake), 0, "nothing reached a repo route");
+    assert_eq!(fake.repo_requests(), 0, "nothing reached a repo route");
 }

@@ -284,6 +284,23 @@ impl FakeRelace {
     }
 
     /// Whether `token` exists and has not expired.
+    /// Every `GET /v1/repo_token/<token>` received (the gateway's introspections and
+    /// re-confirmations).
+    pub fn token_lookups(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == "GET" && r.target.starts_with("/v1/repo_token/"))
+            .collect()
+    }
+
+    /// How many requests reached the repo routes (forwarded sandbox requests).
+    pub fn repo_requests(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.target.starts_with("/v1/repo/"))
+            .count()
+    }
+
     /// Makes token lookups (introspection) answer `delay` late: the answer is decided when
     /// the request arrives, as a slow upstream's would be.
     pub fn set_token_lookup_delay(&self, delay: Duration) {
