@@ -31,6 +31,43 @@ fn replica_config(
     builder
 }
 
+/// A replica config with introspection on (the API key in a file kept by the caller).
+fn introspecting_config(
+    fake: &FakeRelace,
+    redis: &RedisServer,
+) -> (GatewayBuilder, tempfile::NamedTempFile) {
+    let key = key_file(ACCOUNT_KEY);
+    let path = toml_str(key.path().to_str().expect("utf-8 temp path"));
+    let builder = replica_config(
+        fake,
+        redis,
+        &[
+            ("upstream.api_key_file", &path),
+            ("scopes.introspect", "true"),
+        ],
+    );
+    (builder, key)
+}
+
+/// `DELETE /admin/tokens/<token or id>` with the admin token.
+async fn delete_token(admin: std::net::SocketAddr, token_or_id: &str) -> RawResponse {
+    call_with_auth(
+        admin,
+        "DELETE",
+        &format!("/admin/tokens/{token_or_id}"),
+        &bearer(ADMIN_TOKEN),
+    )
+    .await
+}
+
+/// Polls the proxy at `proxy` until `token` is refused (401) or `within` passes.
+async fn refused_within(proxy: std::net::SocketAddr, token: &str, within: Duration) -> bool {
+    wait_for(within, || async {
+        get_file(proxy, token, REPO_A).await.status == 401
+    })
+    .await
+}
+
 /// Starts `n` replicas and waits (bounded) until each says it is ready.
 async fn replicas(builder: &GatewayBuilder, n: usize) -> Vec<GatewayProcess> {
     let all: Vec<GatewayProcess> = (0..n).map(|_| GatewayProcess::spawn(builder)).collect();
@@ -94,18 +131,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn a_token_minted_on_one_replica_works_on_the_others_at_the_first_request() {
     let fake = FakeRelace::start().await;
     let redis = RedisServer::start(Persistence::None);
-    let key = key_file(ACCOUNT_KEY);
-    let builder = replica_config(
-        &fake,
-        &redis,
-        &[
-            (
-                "upstream.api_key_file",
-                &toml_str(key.path().to_str().expect("path")),
-            ),
-            ("scopes.introspect", "true"),
-        ],
-    );
+    let (builder, _key) = introspecting_config(&fake, &redis);
     let r = replicas(&builder, 3).await;
 
     let token = mint_at(r[0].admin, "sandbox-1", &[REPO_A], Some(600)).await["token"]
@@ -137,20 +163,9 @@ async fn a_token_minted_on_one_replica_works_on_the_others_at_the_first_request(
             .any(|t| t["id"] == id.as_str()),
         "{listed}"
     );
-    let deleted = call_with_auth(
-        r[2].admin,
-        "DELETE",
-        &format!("/admin/tokens/{id}"),
-        &bearer(ADMIN_TOKEN),
-    )
-    .await;
+    let deleted = delete_token(r[2].admin, &id).await;
     assert_eq!(deleted.status, 204, "{}", body_text(&deleted));
-    assert!(
-        wait_for(Duration::from_secs(1), || async {
-            get_file(r[1].proxy, &token, REPO_A).await.status == 401
-        })
-        .await
-    );
+    assert!(refused_within(r[1].proxy, &token, Duration::from_secs(1)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,13 +188,7 @@ async fn a_revocation_reaches_every_replica_within_100ms_p99_over_200_revocation
         for replica in others {
             assert_eq!(get_file(replica.proxy, &token, REPO_A).await.status, 200);
         }
-        let revoked = call_with_auth(
-            origin.admin,
-            "DELETE",
-            &format!("/admin/tokens/{token}"),
-            &bearer(ADMIN_TOKEN),
-        )
-        .await;
+        let revoked = delete_token(origin.admin, &token).await;
         assert_eq!(revoked.status, 204, "{}", body_text(&revoked));
         let answered = Instant::now();
         let polls = others.iter().map(|replica| {
@@ -372,20 +381,9 @@ async fn with_redis_down_cached_tokens_serve_for_max_staleness_and_everything_re
         .await
     );
     // Fan-out works again after the reconnection.
-    let revoked = call_with_auth(
-        cached,
-        "DELETE",
-        &format!("/admin/tokens/{token}"),
-        &bearer(ADMIN_TOKEN),
-    )
-    .await;
+    let revoked = delete_token(cached, &token).await;
     assert_eq!(revoked.status, 204);
-    assert!(
-        wait_for(Duration::from_secs(1), || async {
-            get_file(r[1].proxy, &token, REPO_A).await.status == 401
-        })
-        .await
-    );
+    assert!(refused_within(r[1].proxy, &token, Duration::from_secs(1)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,19 +409,10 @@ async fn a_missed_message_does_not_leave_a_stale_allow() {
         killed.starts_with(':') && killed != ":0\r\n",
         "no subscriber to cut: {killed}"
     );
-    let revoked = call_with_auth(
-        r[0].admin,
-        "DELETE",
-        &format!("/admin/tokens/{token}"),
-        &bearer(ADMIN_TOKEN),
-    )
-    .await;
+    let revoked = delete_token(r[0].admin, &token).await;
     assert_eq!(revoked.status, 204);
     assert!(
-        wait_for(Duration::from_millis(500), || async {
-            get_file(r[1].proxy, &token, REPO_A).await.status == 401
-        })
-        .await,
+        refused_within(r[1].proxy, &token, Duration::from_millis(500)).await,
         "replica 2 kept serving a token revoked while its subscription was down"
     );
     assert_refused(
@@ -456,13 +445,7 @@ async fn with_aof_a_kill_9_of_redis_loses_no_acknowledged_token() {
         assert_eq!(r.status, 201, "{}", body_text(&r));
         tokens.push(token);
     }
-    let revoked = call_with_auth(
-        first[0].admin,
-        "DELETE",
-        &format!("/admin/tokens/{}", tokens[0]),
-        &bearer(ADMIN_TOKEN),
-    )
-    .await;
+    let revoked = delete_token(first[0].admin, &tokens[0]).await;
     assert_eq!(revoked.status, 204);
     redis.kill9();
     redis.restart();
@@ -488,18 +471,7 @@ async fn with_aof_a_kill_9_of_redis_loses_no_acknowledged_token() {
 async fn concurrent_misses_on_several_replicas_make_few_introspections_and_share_the_answer() {
     let fake = FakeRelace::start().await;
     let redis = RedisServer::start(Persistence::None);
-    let key = key_file(ACCOUNT_KEY);
-    let builder = replica_config(
-        &fake,
-        &redis,
-        &[
-            (
-                "upstream.api_key_file",
-                &toml_str(key.path().to_str().expect("path")),
-            ),
-            ("scopes.introspect", "true"),
-        ],
-    );
+    let (builder, _key) = introspecting_config(&fake, &redis);
     let r = replicas(&builder, 3).await;
     // Minted at the upstream directly: no replica has heard of it.
     let token = fake.mint("elsewhere", &[REPO_A], Some(600));
@@ -536,18 +508,7 @@ async fn nothing_stored_in_or_sent_to_redis_contains_a_plaintext_token() {
     let fake = FakeRelace::start().await;
     let redis = RedisServer::start(Persistence::AofAlways);
     let monitor = Monitor::start(redis.addr());
-    let key = key_file(ACCOUNT_KEY);
-    let builder = replica_config(
-        &fake,
-        &redis,
-        &[
-            (
-                "upstream.api_key_file",
-                &toml_str(key.path().to_str().expect("path")),
-            ),
-            ("scopes.introspect", "true"),
-        ],
-    );
+    let (builder, _key) = introspecting_config(&fake, &redis);
     let r = replicas(&builder, 2).await;
     let minted = mint_at(r[0].admin, "m", &[REPO_A], Some(600)).await["token"]
         .as_str()
@@ -566,13 +527,7 @@ async fn nothing_stored_in_or_sent_to_redis_contains_a_plaintext_token() {
         401,
         "unknown_token",
     );
-    let revoked = call_with_auth(
-        r[0].admin,
-        "DELETE",
-        &format!("/admin/tokens/{registered}"),
-        &bearer(ADMIN_TOKEN),
-    )
-    .await;
+    let revoked = delete_token(r[0].admin, &registered).await;
     assert_eq!(revoked.status, 204);
 
     let seen = monitor.stop();
@@ -648,19 +603,10 @@ async fn rediss_urls_speak_tls_to_redis_and_verify_its_certificate() {
     let body = serde_json::json!({"token": token, "name": "tls", "repo_ids": [REPO_A]});
     assert_eq!(register_at(r[0].admin, &body).await.status, 201);
     assert_eq!(get_file(r[1].proxy, &token, REPO_A).await.status, 200);
-    let revoked = call_with_auth(
-        r[0].admin,
-        "DELETE",
-        &format!("/admin/tokens/{token}"),
-        &bearer(ADMIN_TOKEN),
-    )
-    .await;
+    let revoked = delete_token(r[0].admin, &token).await;
     assert_eq!(revoked.status, 204);
     assert!(
-        wait_for(Duration::from_secs(1), || async {
-            get_file(r[1].proxy, &token, REPO_A).await.status == 401
-        })
-        .await,
+        refused_within(r[1].proxy, &token, Duration::from_secs(1)).await,
         "fan-out over TLS"
     );
     // Without the CA the certificate is refused: never ready, nothing acknowledged, and
@@ -716,18 +662,7 @@ async fn a_cache_hit_never_touches_redis() {
 async fn a_revocation_during_a_slow_introspection_on_another_replica_wins() {
     let fake = FakeRelace::start().await;
     let redis = RedisServer::start(Persistence::None);
-    let key = key_file(ACCOUNT_KEY);
-    let builder = replica_config(
-        &fake,
-        &redis,
-        &[
-            (
-                "upstream.api_key_file",
-                &toml_str(key.path().to_str().expect("path")),
-            ),
-            ("scopes.introspect", "true"),
-        ],
-    );
+    let (builder, _key) = introspecting_config(&fake, &redis);
     let r = replicas(&builder, 2).await;
     let token = fake.mint("slow", &[REPO_A], Some(600));
     fake.set_token_lookup_delay(Duration::from_millis(600));
