@@ -10,9 +10,11 @@
 //! - `scopegate:{<hex>}:l` — a short claim on introspecting the token, so concurrent misses
 //!   on several replicas make one upstream call.
 //!
-//! Every write is one `MULTI`/`EXEC` with a `PUBLISH` of the change on [`CHANNEL`], so a
-//! change is announced exactly when it is visible. Keys, values and messages hold digests
-//! and scopes only. The subscription and reachability are watched by [`super::fanout`].
+//! Every write is atomic with the `PUBLISH` of the change on [`CHANNEL`] (a revocation
+//! one `MULTI`/`EXEC`, an active scope one Lua script that first checks for a
+//! tombstone), so a change is announced exactly when it is visible. Keys, values and
+//! messages hold digests and scopes only. The subscription and reachability are watched
+//! by [`super::fanout`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +25,7 @@ use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
 use super::fanout::{FanoutHealth, Message};
-use super::{codec, Record, StoreError, TokenDigest};
+use super::{codec, Record, StoreError, TokenDigest, Tombstone};
 
 /// Where every change is published.
 pub const CHANNEL: &str = "scopegate:events";
@@ -185,35 +187,39 @@ impl RedisStore {
         })
     }
 
-    /// Writes a record and announces it, in one transaction; durable as Redis's
-    /// persistence makes it (AOF `appendfsync always` for every acknowledged write).
+    /// Writes a record and announces it; durable as Redis's persistence makes it (AOF
+    /// `appendfsync always` for every acknowledged write). An active record goes through
+    /// the conditional write: under a tombstone it would never be read anyway.
     pub async fn put(&self, digest: &TokenDigest, record: &Record) -> Result<(), StoreError> {
+        match record {
+            Record::Active(_) => self.put_unless_revoked(digest, record).await.map(drop),
+            Record::Revoked(tombstone) => self.put_tombstone(digest, record, tombstone).await,
+        }
+    }
+
+    /// A revocation: the tombstone set, the scope deleted and the change announced, in
+    /// one `MULTI`/`EXEC`.
+    async fn put_tombstone(
+        &self,
+        digest: &TokenDigest,
+        record: &Record,
+        tombstone: &Tombstone,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
         let value = codec::encode(record);
         let message = Message::encode(self.health.replica(), digest, &value);
         let mut pipe = redis::pipe();
-        pipe.atomic();
-        match record {
-            Record::Active(active) => {
-                let mut set = redis::cmd("SET");
-                set.arg(key(digest, 's')).arg(&value);
-                if let Some(at) = active.entry.expires_at {
-                    set.arg("PXAT").arg(unix_ms(at).max(1));
-                }
-                pipe.add_command(set).ignore();
-                pipe.del(key(digest, 'n')).ignore();
-            }
-            Record::Revoked(tombstone) => {
-                pipe.cmd("SET")
-                    .arg(key(digest, 'r'))
-                    .arg(&value)
-                    .arg("PXAT")
-                    .arg(unix_ms(tombstone.retain_until).max(1))
-                    .ignore();
-                pipe.del(key(digest, 's')).ignore();
-            }
-        }
-        pipe.publish(CHANNEL, message).ignore();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(key(digest, 'r'))
+            .arg(&value)
+            .arg("PXAT")
+            .arg(unix_ms(tombstone.retain_until).max(1))
+            .ignore()
+            .del(key(digest, 's'))
+            .ignore()
+            .publish(CHANNEL, message)
+            .ignore();
         self.run(pipe.query_async::<()>(&mut conn)).await
     }
 
@@ -225,9 +231,12 @@ impl RedisStore {
         digest: &TokenDigest,
         record: &Record,
     ) -> Result<bool, StoreError> {
-        let Record::Active(active) = record else {
-            self.put(digest, record).await?;
-            return Ok(true);
+        let active = match record {
+            Record::Active(active) => active,
+            Record::Revoked(tombstone) => {
+                self.put_tombstone(digest, record, tombstone).await?;
+                return Ok(true);
+            }
         };
         let mut conn = self.conn()?;
         let value = codec::encode(record);
