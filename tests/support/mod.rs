@@ -13,7 +13,7 @@ pub mod redis;
 pub mod tls_upstream;
 
 pub use assertions::*;
-pub use certs::Ca;
+pub use certs::{client_config_trusting, Ca};
 pub use fake_relace::{pattern_sha256, FakeRelace, Recorded, ACCOUNT_KEY};
 pub use gateway::*;
 pub use raw::{body_text, call, call_with_auth, post_json, sha_hex, RawResponse};
