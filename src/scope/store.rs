@@ -75,13 +75,7 @@ impl Store {
                 write(map).insert(digest, record);
                 Ok(())
             }
-            Store::Embedded(store) => {
-                let store = store.clone();
-                // A commit waits for fsync: keep it off the async workers.
-                tokio::task::spawn_blocking(move || store.put(&digest, &record))
-                    .await
-                    .map_err(StoreError::from_display)?
-            }
+            Store::Embedded(store) => blocking(store, move |s| s.put(&digest, &record)).await,
             Store::Redis(store) => store.put(&digest, &record).await,
         }
     }
@@ -104,10 +98,7 @@ impl Store {
                 Ok(true)
             }
             Store::Embedded(store) => {
-                let store = store.clone();
-                tokio::task::spawn_blocking(move || store.put_unless_revoked(&digest, &record))
-                    .await
-                    .map_err(StoreError::from_display)?
+                blocking(store, move |s| s.put_unless_revoked(&digest, &record)).await
             }
             Store::Redis(store) => store.put_unless_revoked(&digest, &record).await,
         }
@@ -122,12 +113,7 @@ impl Store {
                 }
                 Ok(())
             }
-            Store::Embedded(store) => {
-                let store = store.clone();
-                tokio::task::spawn_blocking(move || store.remove_all(&digests))
-                    .await
-                    .map_err(StoreError::from_display)?
-            }
+            Store::Embedded(store) => blocking(store, move |s| s.remove_all(&digests)).await,
             Store::Redis(store) => store.remove_all(&digests).await,
         }
     }
@@ -138,12 +124,7 @@ impl Store {
                 .iter()
                 .map(|(digest, record)| (*digest, record.clone()))
                 .collect()),
-            Store::Embedded(store) => {
-                let store = store.clone();
-                tokio::task::spawn_blocking(move || store.snapshot())
-                    .await
-                    .map_err(StoreError::from_display)?
-            }
+            Store::Embedded(store) => blocking(store, move |s| s.snapshot()).await,
             Store::Redis(store) => store.snapshot().await,
         }
     }
@@ -158,6 +139,19 @@ impl Store {
             Store::Redis(_) => Err(StoreError::new("Redis is not answering")),
         }
     }
+}
+
+/// Runs an embedded-store operation on the blocking pool: commits wait for fsync and
+/// scans read the whole file, neither belongs on the async workers.
+async fn blocking<T, F>(store: &EmbeddedStore, op: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&EmbeddedStore) -> Result<T, StoreError> + Send + 'static,
+{
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || op(&store))
+        .await
+        .map_err(StoreError::from_display)?
 }
 
 // A poisoned lock only means another thread panicked between whole-value inserts; the
