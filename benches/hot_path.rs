@@ -67,8 +67,8 @@ fn bench_classify(c: &mut Criterion) {
     group.finish();
 }
 
-/// The decision for a known, in-scope token: with the memory store (read directly) and
-/// with the embedded store (served from the moka cache once warm).
+/// The decision for a known, in-scope token: with the memory store (read directly), and
+/// with the embedded and Redis stores (served from the moka cache once warm).
 fn bench_authorize(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
